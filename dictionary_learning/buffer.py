@@ -1,0 +1,295 @@
+"""ActivationBuffer: a shuffled store of a submodule's activations, refilled from text.
+
+Data flow: strings -> left-padded token batches (``tokens.py``) -> one nnsight trace per
+batch, stopped right after the hooked submodule -> the real tokens' rows are written in
+place into a preallocated ``[n_ctxs * ctx_len, d]`` store -> batches of
+``out_batch_size`` rows are served in the order of one random permutation per refill,
+so no row is served twice within a fill. When fewer than half of the stored rows are
+unread, the unread rows are moved to the front and the rest is refilled from new text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
+
+import torch
+from tqdm.auto import tqdm
+
+from .tokens import real_token_mask, tokenize_batch
+
+logger = logging.getLogger(__name__)
+
+IO_MODES = ("out", "in", "in_to_out")
+# 2000 contexts x 128 tokens = 256k activations: 0.5 GB for a 512-wide fp32 submodule
+# (Pythia-70m), about 40 s to fill for an early layer on 2 CPU cores.
+DEFAULT_N_CTXS = 2000
+
+
+def resolve_submodule(model, submodule):
+    """The nnsight envoy for ``submodule`` and its dotted name within the model.
+
+    ``submodule`` may be an envoy of ``model`` (``model.gpt_neox.layers[1].mlp``), the
+    ``torch.nn.Module`` inside it, or a dotted path (``"gpt_neox.layers.1.mlp"``).
+    """
+    root = model._module
+    names = {id(m): name for name, m in root.named_modules() if name}
+    if isinstance(submodule, str):
+        envoy = model
+        for part in submodule.split("."):
+            try:
+                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+            except (AttributeError, IndexError, TypeError):
+                close = difflib.get_close_matches(submodule, list(names.values()), n=5)
+                raise ValueError(
+                    f"model has no submodule {submodule!r}"
+                    + (f"; nearest names: {', '.join(close)}" if close else "")
+                ) from None
+        submodule = envoy
+    module = getattr(submodule, "_module", submodule)
+    if not isinstance(module, torch.nn.Module) or id(module) not in names:
+        raise ValueError(
+            "submodule is not a module of this model: pass an envoy of the same nnsight model "
+            "(e.g. model.gpt_neox.layers[1].mlp) or a dotted path such as 'gpt_neox.layers.1.mlp'"
+        )
+    name = names[id(module)]
+    if submodule is module:  # a plain nn.Module: walk to its envoy
+        return resolve_submodule(model, name)
+    return submodule, name
+
+
+def hidden_states(value, where: str) -> torch.Tensor:
+    """The hidden-states tensor of a module input or output.
+
+    Decoder layers in transformers 5 return a plain tensor; attention modules return a tuple
+    whose first element is the hidden states. A tensor is never indexed.
+    """
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor) or value.ndim != 3:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{where} is not a (batch, seq, d) tensor (got {shape}); "
+                         "choose a submodule that maps hidden states to hidden states")
+    return value
+
+
+def _linear_width(module: torch.nn.Module, kind: str) -> int | None:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features if kind == "input" else module.out_features
+    return None
+
+
+class ActivationBuffer:
+    """Serves shuffled batches of a submodule's activations on real (non-padding) tokens.
+
+    Args:
+        data: any iterable of strings (documents).
+        model: an nnsight model of a causal LM (``LanguageModel`` or ``TransformersModel``).
+        submodule: an envoy of ``model``, its ``nn.Module`` or its dotted path.
+        d_submodule: activation width; for ``io="in_to_out"`` an int (both widths) or
+            ``(d_in, d_out)``. Inferred when omitted.
+        io: ``"out"`` (the submodule's output), ``"in"`` (its input) or ``"in_to_out"``
+            (``(x_in, x_out)`` pairs, for an MLP stretcher).
+        n_ctxs: the store holds ``n_ctxs * ctx_len`` activations.
+        ctx_len: tokens per context (longer texts are truncated).
+        refresh_batch_size: texts per forward pass when refilling.
+        out_batch_size: rows per served batch (the last one may be smaller).
+        device, dtype: where and how the store is kept (and batches served).
+        remove_bos: drop the first real token of every context.
+        in_feats, out_feats, in_batch_size: older names of ``d_submodule`` (input and output
+            widths) and ``refresh_batch_size``, accepted so existing code runs unchanged.
+    """
+
+    def __init__(self, data: Iterable[str], model, submodule, d_submodule=None, io: str = "out",
+                 n_ctxs: int = DEFAULT_N_CTXS, ctx_len: int = 128, refresh_batch_size: int = 512,
+                 out_batch_size: int = 8192, device: str | torch.device = "cpu",
+                 remove_bos: bool = False, dtype: torch.dtype = torch.float32, *,
+                 in_feats: int | None = None, out_feats: int | None = None,
+                 in_batch_size: int | None = None, progress: bool = True):
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
+        for name, value in [("n_ctxs", n_ctxs), ("ctx_len", ctx_len),
+                            ("refresh_batch_size", refresh_batch_size),
+                            ("out_batch_size", out_batch_size)]:
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(data, str):
+            raise TypeError("data must be an iterable of strings, not a single string; "
+                            "wrap it in a list")
+        self.model, self.io, self.ctx_len = model, io, int(ctx_len)
+        self.submodule, self.submodule_name = resolve_submodule(model, submodule)
+        self.refresh_batch_size = int(in_batch_size or refresh_batch_size)
+        self.out_batch_size, self.n_ctxs = int(out_batch_size), int(n_ctxs)
+        self.device, self.dtype, self.remove_bos = torch.device(device), dtype, remove_bos
+        self.progress = progress
+
+        self.tokens_seen = 0                    # real tokens collected so far
+        self.texts_seen = 0
+        self._data = iter(data)
+        first = self._next_texts(1)
+        if not first:
+            raise ValueError("data yielded no text: pass a non-empty iterable of strings")
+        self._data, self.texts_seen = chain(first, self._data), 0
+
+        # One (envoy, "input"|"output") pair per served tensor, in forward order.
+        kinds = {"out": ["output"], "in": ["input"], "in_to_out": ["input", "output"]}[io]
+        self._hooks = [(self.submodule, kind) for kind in kinds]
+        self.widths = self._resolve_widths(d_submodule, in_feats, out_feats, first[0])
+
+        capacity = self.n_ctxs * self.ctx_len
+        self._store = [torch.empty(capacity, w, dtype=dtype, device=self.device)
+                       for w in self.widths]
+        self._n_stored = 0                      # rows [0, n) of the store hold activations
+        self._order = torch.empty(0, dtype=torch.long, device=self.device)  # unread rows
+        self._pos = 0
+        self._pending: list[list[torch.Tensor]] = []  # rows that did not fit the last refill
+        self._text_exhausted = False
+
+    # -- widths ------------------------------------------------------------------------------
+    @property
+    def d_submodule(self):
+        return self.widths[0] if len(self.widths) == 1 else tuple(self.widths)
+
+    def _resolve_widths(self, d_submodule, in_feats, out_feats, probe_text) -> list[int]:
+        if isinstance(d_submodule, (tuple, list)):
+            given = list(d_submodule)
+        elif d_submodule is not None:
+            given = [d_submodule] * len(self._hooks)
+        else:
+            given = [in_feats if kind == "input" else out_feats for _, kind in self._hooks]
+        if len(given) != len(self._hooks):
+            raise ValueError(f"io={self.io!r} needs {len(self._hooks)} widths, got {d_submodule}")
+        module = self.submodule._module
+        widths = [g if g is not None else _linear_width(module, kind)
+                  for g, (_, kind) in zip(given, self._hooks)]
+        if any(w is None for w in widths):
+            probed = [t.shape[-1] for t in self._trace([probe_text])[0]]
+            widths = [w if w is not None else p for w, p in zip(widths, probed)]
+        return [int(w) for w in widths]
+
+    # -- text ----------------------------------------------------------------------------------
+    def _next_texts(self, n: int) -> list[str]:
+        texts = list(islice(self._data, n))
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"data must yield strings, got {type(t).__name__}: {t!r:.80}")
+        self.texts_seen += len(texts)
+        return texts
+
+    def text_batch(self, batch_size: int | None = None) -> list[str]:
+        """The next ``batch_size`` texts of the stream (consumed: they are not collected)."""
+        return self._next_texts(batch_size or self.refresh_batch_size)
+
+    def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        return tokenize_batch(self.model.tokenizer, self.text_batch(batch_size), self.ctx_len)
+
+    # -- collection ----------------------------------------------------------------------------
+    def _trace(self, texts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Activations ``[B, T, d]`` at every hook, and the mask of tokens to keep."""
+        inputs = tokenize_batch(self.model.tokenizer, texts, self.ctx_len)
+        saved = []
+        with torch.inference_mode(), self.model.trace(inputs) as tracer:
+            for envoy, kind in self._hooks:
+                saved.append((envoy.input if kind == "input" else envoy.output).save())
+            tracer.stop()
+        acts = [hidden_states(v, f"{self.submodule_name} {kind}")
+                for v, (_, kind) in zip(saved, self._hooks)]
+        return acts, real_token_mask(inputs["attention_mask"], self.remove_bos)
+
+    def _collect(self, texts: list[str]) -> list[torch.Tensor]:
+        """Rows ``[n, d]`` of real-token activations for ``texts``, one tensor per hook."""
+        acts, keep = self._trace(texts)
+        rows = []
+        for a, w, (_, kind) in zip(acts, self.widths, self._hooks):
+            if a.shape[-1] != w:
+                raise ValueError(f"{self.submodule_name} {kind} has width {a.shape[-1]}, but "
+                                 f"the buffer was told {w}: fix d_submodule (or omit it)")
+            rows.append(a[keep.to(a.device)])
+        self.tokens_seen += int(keep.sum())
+        return rows
+
+    def _write(self, rows: list[torch.Tensor]) -> None:
+        capacity = self._store[0].shape[0]
+        n = min(rows[0].shape[0], capacity - self._n_stored)
+        for store, r in zip(self._store, rows):
+            store[self._n_stored:self._n_stored + n].copy_(r[:n])
+        self._n_stored += n
+        if n < rows[0].shape[0]:
+            self._pending.append([r[n:] for r in rows])
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Move the unread rows to the front and fill the rest of the store from new text."""
+        unread = self._order[self._pos:]
+        for store in self._store:
+            store[:len(unread)] = store[unread]
+        self._n_stored = len(unread)
+        capacity = self._store[0].shape[0]
+        bar = tqdm(total=capacity, initial=self._n_stored, desc="Filling activation buffer",
+                   unit="act", leave=False, disable=not self.progress or self.tokens_seen > 0)
+        while self._n_stored < capacity:
+            before = self._n_stored
+            if self._pending:
+                self._write(self._pending.pop(0))
+            else:
+                texts = self._next_texts(self.refresh_batch_size)
+                if not texts:
+                    self._text_exhausted = True
+                    break
+                self._write(self._collect(texts))
+            bar.update(self._n_stored - before)
+        bar.close()
+        self._order = torch.randperm(self._n_stored, device=self.device)
+        self._pos = 0
+
+    # -- serving -------------------------------------------------------------------------------
+    @property
+    def n_unread(self) -> int:
+        return len(self._order) - self._pos
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        capacity = self._store[0].shape[0]
+        can_refill = not self._text_exhausted or self._pending
+        if self.n_unread < capacity // 2 and can_refill:
+            self.refresh()
+        if self.n_unread == 0:
+            raise StopIteration
+        idx = self._order[self._pos:self._pos + self.out_batch_size]
+        self._pos += len(idx)
+        batch = [store[idx] for store in self._store]
+        return batch[0] if len(batch) == 1 else tuple(batch)
+
+    @property
+    def config(self) -> dict:
+        """What this buffer is, for ``config.json``."""
+        tokenizer = self.model.tokenizer
+        return {
+            "d_submodule": self.d_submodule,
+            "io": self.io,
+            "n_ctxs": self.n_ctxs,
+            "ctx_len": self.ctx_len,
+            "refresh_batch_size": self.refresh_batch_size,
+            "out_batch_size": self.out_batch_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "remove_bos": self.remove_bos,
+            "lm_name": model_name(self.model),
+            "submodule_name": self.submodule_name,
+            "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+            "padding_side": "left",
+            "truncation": True,
+            "tokens_seen": self.tokens_seen,
+        }
+
+
+def model_name(model) -> str | None:
+    """The hub id or path the model came from, when it has one."""
+    name = getattr(model, "repo_id", None)
+    if not isinstance(name, str) or not name:
+        name = getattr(getattr(model._module, "config", None), "_name_or_path", None) or None
+    return name

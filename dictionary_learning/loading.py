@@ -1,0 +1,101 @@
+"""Reading dictionaries from disk: ``ae.pt`` (a state_dict) plus an optional ``config.json``.
+
+``load_dictionary(path)`` accepts the folder or the ``.pt`` file and returns
+``(dictionary, config)``. Files are read with ``torch.load(weights_only=True)``: a pickle
+that would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from .registry import get_dictionary_class
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "ae.pt"
+CONFIG_NAME = "config.json"
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no dictionary weights at {path}: expected an {WEIGHTS_NAME} file "
+                                "or a folder containing one")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict in an ``ae.pt`` file (or the folder holding one), on CPU."""
+    path = _weights_path(path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a plain state_dict (refused to unpickle arbitrary "
+                         f"objects): {e}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} could not be read (truncated or not a torch file?): {e}") from e
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state_dict of tensors")
+    return state_dict
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``config.json`` beside the weights, or ``{}`` when there is none."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _class_name(config: dict, state_dict: dict) -> str:
+    """The class named by the config (nested ``trainer.dict_class`` or flat ``dict_class``),
+    else the one whose published keys the state_dict has."""
+    trainer = config.get("trainer", config)
+    if "dict_class" in trainer:
+        return trainer["dict_class"]
+    keys = set(state_dict)
+    if keys == {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}:
+        return "AutoEncoder"
+    if keys == {"in_bias", "out_bias", "encoder.weight", "encoder.bias", "decoder.weight"}:
+        return "MLPStretcher"
+    raise ValueError(f"cannot tell which dictionary class has keys {sorted(keys)}; "
+                     "add a config.json naming trainer.dict_class")
+
+
+def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, **widths):
+    """Load a dictionary folder (or its ``ae.pt``) as ``(dictionary, config)``.
+
+    The class comes from ``config.json`` when there is one (upstream's nested schema or the
+    older flat one); otherwise it is recognised from the state_dict's keys. Widths are read
+    off the tensor shapes; ``widths`` (e.g. ``activation_dim=512``) are checked against them,
+    and are needed only for weightless dictionaries such as ``IdentityDict``.
+    """
+    weights = _weights_path(path)
+    config = read_config(weights.parent)
+    state_dict = read_state_dict(weights)
+    cls = get_dictionary_class(_class_name(config, state_dict))
+    dictionary = cls.from_state_dict(state_dict, **widths)
+    for name, value in widths.items():
+        if getattr(dictionary, name, value) != value:
+            raise ValueError(f"{weights}: {name} is {getattr(dictionary, name)} in the weights, "
+                             f"not {value} as given")
+    trainer = config.get("trainer", config)
+    for name in ("activation_dim", "dict_size"):
+        if name in trainer and trainer[name] != getattr(dictionary, name):
+            raise ValueError(f"{weights}: config.json says {name}={trainer[name]} but the "
+                             f"weights have {getattr(dictionary, name)}")
+    return dictionary.to(device=device, dtype=dtype), config
