@@ -1,0 +1,297 @@
+"""The one training loop: several dictionaries trained from one stream of activations.
+
+Each dictionary is described by a :class:`TrainerConfig`. The loop asks each dictionary
+for its named loss terms (``Dictionary.loss_terms``), weighs them, takes an Adam step
+and keeps the dictionary's decoder constraint. Everything else (learning-rate warm-up,
+dead-feature resampling, checkpoints, logging) lives here, once, for every dictionary.
+
+Loss (per batch of B tokens):
+    mse     = mean_t ||x_t - x_hat_t||^2
+    penalty = mean_t ||f_t||_1               (``penalty="l1"``)
+            or mean_t H(f_t / sum f_t)        (``penalty="entropy"``)
+    loss    = mse + sparsity_penalty * penalty
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .dictionary import PENALTIES, Dictionary, feature_rows
+from .registry import get_dictionary_class
+from .saving import CheckpointWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """One dictionary to train."""
+
+    activation_dim: int
+    """Width of the activations fed to the encoder."""
+    dict_size: int
+    """Number of features (m)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    sparsity_penalty: float = 1e-3
+    """Coefficient of the sparsity term."""
+    penalty: str = "l1"
+    """Sparsity term: ``"l1"`` or ``"entropy"``."""
+    dict_class: str = "AutoEncoder"
+    """Registered dictionary class."""
+    output_dim: int | None = None
+    """Width of the reconstruction target when it differs (``MLPStretcher``)."""
+    warmup_steps: int = 1000
+    """Linear learning-rate warm-up, from the start and again after each resampling."""
+    resample_steps: int | None = None
+    """Every this many steps, features that did not fire in the window are resampled."""
+    seed: int | None = 0
+    """Seed for the dictionary's initialisation."""
+
+    def __post_init__(self):
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
+        get_dictionary_class(self.dict_class)  # raises on an unknown name
+        for name in ("activation_dim", "dict_size", "warmup_steps"):
+            if getattr(self, name) < (1 if name != "warmup_steps" else 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.resample_steps is not None and self.resample_steps < 1:
+            raise ValueError(f"resample_steps must be positive or None, got {self.resample_steps}")
+        if self.lr <= 0 or self.sparsity_penalty < 0:
+            raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
+                             f"sparsity_penalty={self.sparsity_penalty}")
+
+    def build(self) -> Dictionary:
+        cls = get_dictionary_class(self.dict_class)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        extra = {} if self.output_dim is None else {"output_dim": self.output_dim}
+        return cls(self.activation_dim, self.dict_size, **extra)
+
+
+class Trainer:
+    """The optimisation state of one dictionary: optimizer, schedule, dead-feature counts."""
+
+    def __init__(self, config: TrainerConfig, device: str | torch.device = "cpu"):
+        self.config, self.device = config, torch.device(device)
+        self.dictionary = config.build().to(device)
+        self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=config.lr)
+        self.steps_since_active = torch.zeros(self.dictionary.dict_size, dtype=torch.long,
+                                              device=device)
+        self.warm_start = 0        # step at which the current warm-up began
+        self.n_resampled = 0
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        factor = 1.0 if warmup == 0 else min(1.0, (step - self.warm_start + 1) / warmup)
+        return self.config.lr * factor
+
+    def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """One Adam step on a batch; returns the logged terms of that batch."""
+        cfg, ae = self.config, self.dictionary
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        terms, f = ae.loss_terms(x, target, cfg.penalty)
+        loss = terms["mse"] + cfg.sparsity_penalty * terms[cfg.penalty]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        unit_norm = ae.decoder_norm == "unit"
+        if unit_norm:
+            ae.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        if unit_norm:
+            ae.set_decoder_norm_to_unit_norm()
+
+        with torch.no_grad():
+            fired = (f > 0).any(dim=0)
+            self.steps_since_active += 1
+            self.steps_since_active[fired] = 0
+            if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
+                self.resample_dead(step, x, target)
+            variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            logged = {name: float(v) for name, v in terms.items()}
+            logged["loss"] = float(loss)
+            logged["l0"] = float((f > 0).sum(dim=-1).float().mean())
+            logged["frac_variance_explained"] = float(1 - terms["mse"] / variance)
+        return logged
+
+    @torch.no_grad()
+    def resample_dead(self, step: int, x: torch.Tensor, target: torch.Tensor) -> int:
+        """Re-initialise features that have not fired in the last ``resample_steps`` steps.
+
+        As in Anthropic's "Towards Monosemanticity": inputs are drawn with probability
+        proportional to their squared reconstruction loss; a dead feature's decoder row
+        becomes the drawn target direction, its encoder row the drawn input direction
+        scaled to 0.2 x the mean norm of living encoder rows, its encoder bias 0. Adam's
+        moments for those features are reset and the learning rate warms up again.
+        """
+        ae = self.dictionary
+        dead = self.steps_since_active >= self.config.resample_steps
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        losses = (target - ae(x)).pow(2).sum(dim=-1)
+        if float(losses.sum()) <= 0:
+            return 0
+        idx = torch.multinomial(losses.pow(2), n_dead, replacement=n_dead > len(losses))
+        x_dir = x[idx] / x[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        t_dir = target[idx] / target[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive_norm = ae.W_enc[~dead].norm(dim=-1).mean() if (~dead).any() else 1.0
+        ae.W_enc[dead] = x_dir.to(ae.W_enc.dtype) * alive_norm * 0.2
+        ae.W_dec[dead] = t_dir.to(ae.W_dec.dtype)
+        ae.b_enc[dead] = 0.0
+        for param, axis in ae.feature_parameters().values():
+            for moment in self.optimizer.state.get(param, {}).values():
+                if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
+                    feature_rows(moment, axis)[dead] = 0.0
+        self.steps_since_active[dead] = 0
+        self.warm_start = step + 1
+        self.n_resampled += n_dead
+        logger.info("step %d: resampled %d dead features of %s", step, n_dead,
+                    self.config.dict_class)
+        return n_dead
+
+
+def _split(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, target)`` from a batch: a tensor (target = x) or an ``(x_in, x_out)`` pair."""
+    if isinstance(batch, (tuple, list)):
+        x, target = batch
+    else:
+        x = target = batch
+    return x.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
+
+
+def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
+                       steps: int | None = None, save_dir: str | Path | None = None,
+                       save_steps: int | Iterable[int] | None = None,
+                       log_steps: int | None = None, device: str | torch.device = "cpu",
+                       run_info: dict | None = None, progress: bool = True) -> list[Dictionary]:
+    """Train one dictionary per config from one stream of activation batches.
+
+    ``activations`` yields tensors ``[B, d]`` or ``(x_in, x_out)`` pairs (an
+    ``ActivationBuffer`` does). ``steps=None`` trains until the stream ends. With
+    ``save_dir``, a single dictionary is saved in ``save_dir`` and several in
+    ``save_dir/trainer_{i}``: ``ae.pt``, ``config.json`` and, at ``save_steps`` (an
+    interval or a list of steps), ``checkpoints/ae_{step}.pt`` beside the optimizer state
+    needed to resume. ``run_info`` (lm_name, submodule_name, ...) goes into the trainer
+    section of ``config.json``; by default it is read from ``activations.config``.
+    Returns the trained dictionaries, in the order of ``configs``.
+    """
+    if not configs:
+        raise ValueError("configs is empty: pass at least one TrainerConfig")
+    buffer_config = dict(getattr(activations, "config", {}) or {})
+    if run_info is None:
+        run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
+    trainers = [Trainer(cfg, device) for cfg in configs]
+    writers = []
+    if save_dir is not None:
+        dirs = ([Path(save_dir)] if len(configs) == 1
+                else [Path(save_dir) / f"trainer_{i}" for i in range(len(configs))])
+        writers = [CheckpointWriter(d, t, buffer_config, run_info, steps) for d, t in
+                   zip(dirs, trainers)]
+    save_at = _save_schedule(save_steps)
+
+    dtype = next(trainers[0].dictionary.parameters(), torch.empty(0)).dtype
+    log_every = log_steps or max(1, (steps or 1000) // 100)
+    bar = tqdm(total=steps, desc="Training", unit="step", disable=not progress)
+    step, n_tokens = 0, 0
+    batches: Iterator = iter(activations)
+    try:
+        for batch in batches:
+            if steps is not None and step >= steps:
+                break
+            x, target = _split(batch, device, dtype)
+            logged = [t.step(step, x, target) for t in trainers]
+            n_tokens += x.shape[0]
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == 1:
+                elapsed = bar.format_dict["elapsed"] or float("nan")
+                bar.set_postfix(mse=f"{logged[0]['mse']:.4g}", l0=f"{logged[0]['l0']:.1f}",
+                                tok_s=f"{n_tokens / elapsed:.0f}")
+                for i, entry in enumerate(logged):
+                    if log_steps:
+                        logger.info("step %d trainer %d: %s", step, i,
+                                    " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+                    if writers:
+                        writers[i].log(step, n_tokens, entry)
+            if save_at(step):
+                for w in writers:
+                    w.checkpoint(step, n_tokens)
+    finally:
+        bar.close()
+    if steps is not None and step < steps:
+        logger.warning("activations ran out after %d of %d steps", step, steps)
+    for w in writers:
+        w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
+    return [t.dictionary for t in trainers]
+
+
+def _save_schedule(save_steps):
+    if save_steps is None:
+        return lambda step: False
+    if isinstance(save_steps, int):
+        if save_steps < 1:
+            raise ValueError(f"save_steps must be positive, got {save_steps}")
+        return lambda step: step % save_steps == 0
+    wanted = set(save_steps)
+    return lambda step: step in wanted
+
+
+def trainSAE(activations: Iterable, activation_dim: int | tuple[int, int], dictionary_size: int,
+             lr: float, sparsity_penalty: float, entropy: bool = False,
+             steps: int | None = None, warmup_steps: int = 1000,
+             resample_steps: int | None = None, save_steps=None, save_dir=None,
+             log_steps: int | None = None, device: str = "cpu", seed: int | None = 0,
+             **kwargs) -> Dictionary:
+    """Train one dictionary on a stream of activations and return it.
+
+    The seed-era front of :func:`train_dictionaries`. Batches that are ``(x_in, x_out)``
+    pairs (``io="in_to_out"``), or an ``activation_dim`` given as ``(d_in, d_out)``, train
+    an :class:`MLPStretcher`; plain batches train an :class:`AutoEncoder`.
+    """
+    batches = iter(activations)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValueError("activations yielded no batch") from None
+    pairs = isinstance(first, (tuple, list))
+    d_in, d_out = (activation_dim if isinstance(activation_dim, (tuple, list))
+                   else (activation_dim, activation_dim))
+    x0 = first[0] if pairs else first
+    if x0.shape[-1] != d_in:
+        raise ValueError(f"activation_dim is {d_in} but the activations have width "
+                         f"{x0.shape[-1]}")
+    stretcher = pairs or d_in != d_out
+    config = TrainerConfig(
+        activation_dim=d_in, dict_size=dictionary_size, lr=lr, sparsity_penalty=sparsity_penalty,
+        penalty="entropy" if entropy else "l1",
+        dict_class="MLPStretcher" if stretcher else "AutoEncoder",
+        output_dim=(first[1].shape[-1] if pairs else d_out) if stretcher else None,
+        warmup_steps=warmup_steps, resample_steps=resample_steps, seed=seed)
+    stream = _Rejoined(first, batches, activations)
+    return train_dictionaries(stream, [config], steps=steps, save_dir=save_dir,
+                              save_steps=save_steps, log_steps=log_steps, device=device,
+                              **kwargs)[0]
+
+
+class _Rejoined:
+    """An iterator that puts a peeked first batch back, keeping the source's ``config``."""
+
+    def __init__(self, first, rest: Iterator, source):
+        self._it, self._source = chain([first], rest), source
+
+    def __iter__(self):
+        return self._it
+
+    @property
+    def config(self):
+        return getattr(self._source, "config", None)

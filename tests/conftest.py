@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models of three architectures and local text, all built offline."""
+
+import os
+from itertools import islice
+
+import pytest
+import torch
+
+from dictionary_learning.tiny import stdlib_texts, tiny_language_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def texts():
+    """A few hundred real English documents from the standard library's docstrings."""
+    return list(islice(stdlib_texts(), 400))
+
+
+@pytest.fixture(scope="session")
+def models():
+    """``{arch: LanguageModel}`` for pythia (GPTNeoX), gpt2 and llama, tiny and random."""
+    built = {arch: tiny_language_model(arch) for arch in ("pythia", "gpt2", "llama")}
+    for model in built.values():
+        n_params = sum(p.numel() for p in model._module.parameters())
+        assert n_params < 500_000, f"test model is not tiny: {n_params} parameters"
+    return built
+
+
+def planted_dictionary_data(d: int = 32, m: int = 64, n: int = 100_000, k: int = 3,
+                            seed: int = 0):
+    """Activations built as sparse non-negative combinations of ``m`` known unit directions.
+
+    Every token uses ``k`` of them with magnitudes in [0.5, 1.5). Returns ``(X [n, d],
+    D [m, d])``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=-1, keepdim=True)
+    idx = torch.rand(n, m, generator=g).argsort(dim=-1)[:, :k]
+    f = torch.zeros(n, m)
+    f.scatter_(1, idx, torch.rand(n, k, generator=g) + 0.5)
+    return f @ D, D
