@@ -41,7 +41,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} is not a plain state_dict (refused to unpickle arbitrary "
                          f"objects): {e}") from e
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} could not be read (truncated or not a torch file?): {e}") from e
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -1,0 +1,184 @@
+"""The training loop: a textbook reference step, planted-feature recovery, resampling,
+the entropy and stretcher paths, and the saved folder layout."""
+
+import json
+
+import pytest
+import torch
+from conftest import planted_dictionary_data
+
+from dictionary_learning.buffer import ActivationBuffer
+from dictionary_learning.dictionary import AutoEncoder, MLPStretcher
+from dictionary_learning.loading import load_dictionary
+from dictionary_learning.training import Trainer, TrainerConfig, trainSAE, train_dictionaries
+
+
+def batches(X, size=512, epochs=1):
+    for _ in range(epochs):
+        for i in range(0, len(X), size):
+            yield X[i:i + size]
+
+
+def test_step_equals_textbook_sae_step():
+    """Three steps of the loop equal a plain hand-written SAE update."""
+    torch.manual_seed(0)
+    cfg = TrainerConfig(8, 24, lr=1e-2, sparsity_penalty=0.1, warmup_steps=4)
+    trainer = Trainer(cfg)
+    ae = trainer.dictionary
+    b, We, be, Wd = (ae.bias.detach().clone().requires_grad_(),
+                     ae.encoder.weight.detach().clone().requires_grad_(),
+                     ae.encoder.bias.detach().clone().requires_grad_(),
+                     ae.decoder.weight.detach().clone().requires_grad_())
+    opt = torch.optim.Adam([b, We, be, Wd], lr=cfg.lr)
+    for step in range(3):
+        x = torch.randn(32, 8)
+        trainer.step(step, x, x)
+        # Reference: f = relu(We (x - b) + be), x_hat = Wd f + b.
+        f = torch.relu((x - b) @ We.T + be)
+        x_hat = f @ Wd.T + b
+        loss = (x - x_hat).pow(2).sum(-1).mean() + 0.1 * f.abs().sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            cols = Wd / Wd.norm(dim=0, keepdim=True)
+            Wd.grad -= (Wd.grad * cols).sum(0, keepdim=True) * cols
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / 4)
+        opt.step()
+        with torch.no_grad():
+            Wd /= Wd.norm(dim=0, keepdim=True)
+    for ours, ref in [(ae.bias, b), (ae.encoder.weight, We), (ae.encoder.bias, be),
+                      (ae.decoder.weight, Wd)]:
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_recovers_planted_features_and_keeps_unit_decoder():
+    X, D = planted_dictionary_data(d=32, m=64, n=100_000)
+    ae = trainSAE(batches(X, epochs=3), 32, 128, lr=1e-2, sparsity_penalty=0.3,
+                  warmup_steps=50, progress=False)
+    best_cos = (D @ ae.W_dec.T).max(dim=1).values
+    assert (best_cos > 0.9).float().mean() >= 0.8, best_cos
+    torch.testing.assert_close(ae.W_dec.norm(dim=-1), torch.ones(128))
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_resampling_revives_dead_features(resample):
+    X, _ = planted_dictionary_data(d=32, m=64, n=40_000, seed=1)
+    cfg = TrainerConfig(32, 128, lr=1e-2, sparsity_penalty=0.3, warmup_steps=10,
+                        resample_steps=25 if resample else None)
+    trainer = Trainer(cfg)
+    dead = torch.arange(32)
+    with torch.no_grad():
+        trainer.dictionary.b_enc[dead] = -100.0  # these features can never fire
+    for step, x in enumerate(batches(X, size=512)):
+        trainer.step(step, x, x)
+    with torch.no_grad():
+        fires = (trainer.dictionary.encode(X[:5000])[:, dead] > 0).any(dim=0)
+    if resample:
+        assert trainer.n_resampled >= len(dead)
+        assert fires.float().mean() >= 0.9
+    else:
+        assert not fires.any()
+
+
+def test_entropy_penalty_trains_and_lowers_loss():
+    X, _ = planted_dictionary_data(d=16, m=32, n=20_000, seed=2)
+    cfg = TrainerConfig(16, 64, lr=1e-2, sparsity_penalty=0.1, penalty="entropy",
+                        warmup_steps=5)
+    trainer = Trainer(cfg)
+    losses = [trainer.step(i, x, x)["loss"] for i, x in enumerate(batches(X, 256))]
+    assert set(trainer.step(0, X[:8], X[:8])) >= {"mse", "entropy", "l0"}
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_stretcher_learns_a_map_between_widths():
+    """(x_in, x_out) pairs of different widths train an MLPStretcher."""
+    X, _ = planted_dictionary_data(d=16, m=32, n=30_000, seed=3)
+    W = torch.randn(16, 24, generator=torch.Generator().manual_seed(0)) / 4
+    pairs = [(x, torch.relu(x) @ W) for x in batches(X, 256)]
+    ae = trainSAE(iter(pairs), (16, 24), 64, lr=1e-2, sparsity_penalty=1e-3, warmup_steps=5,
+                  progress=False)
+    assert isinstance(ae, MLPStretcher) and ae.output_dim == 24
+    x, y = pairs[0]
+    with torch.no_grad():
+        before = (y - MLPStretcher(16, 64, 24)(x)).pow(2).sum(-1).mean()
+        after = (y - ae(x)).pow(2).sum(-1).mean()
+    assert after < 0.2 * before
+
+
+def test_saved_folder_layout_and_reload(tmp_path, models, texts):
+    model = models["pythia"]
+    buffer = ActivationBuffer(texts, model, model.gpt_neox.layers[1].mlp, n_ctxs=20,
+                              ctx_len=32, refresh_batch_size=16, out_batch_size=64,
+                              progress=False)
+    ae = trainSAE(buffer, 64, 256, lr=1e-3, sparsity_penalty=1e-3, steps=12, warmup_steps=5,
+                  save_dir=tmp_path, save_steps=5, progress=False)
+    names = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+    assert {"ae.pt", "config.json", "metrics.jsonl", "checkpoints/ae_5.pt",
+            "checkpoints/ae_10.pt", "checkpoints/trainer_state_10.pt"} <= names
+    assert not any(n.endswith(".tmp") for n in names)
+    config = json.loads((tmp_path / "config.json").read_text())
+    trainer = config["trainer"]
+    assert trainer["dict_class"] == "AutoEncoder" and trainer["activation_dim"] == 64
+    assert trainer["dict_size"] == 256 and trainer["lr"] == 1e-3
+    assert trainer["submodule_name"] == "gpt_neox.layers.1.mlp" and trainer["layer"] == 1
+    assert config["buffer"]["ctx_len"] == 32 and config["buffer"]["io"] == "out"
+    assert config["run"]["finished"] and config["run"]["steps_done"] == 12
+    assert config["run"]["activations_trained"] == 12 * 64
+    assert config["buffer"]["tokens_seen"] >= 12 * 64
+    assert "torch" in config["run"]["versions"]
+    loaded, _ = load_dictionary(tmp_path)
+    x = next(buffer)
+    assert torch.equal(loaded(x), ae(x))
+    # Checkpoints are bare state_dicts in the published layout.
+    ckpt = AutoEncoder.from_pretrained(tmp_path / "checkpoints" / "ae_10.pt")
+    assert ckpt.dict_size == 256
+    state = torch.load(tmp_path / "checkpoints" / "trainer_state_10.pt", weights_only=True)
+    assert state["step"] == 10 and "optimizer" in state
+
+
+def test_several_dictionaries_from_one_stream(tmp_path):
+    X, _ = planted_dictionary_data(d=16, m=32, n=5_000, seed=4)
+    configs = [TrainerConfig(16, 32, sparsity_penalty=p, warmup_steps=5) for p in (1e-3, 1e-1)]
+    stream_len = [0]
+
+    def stream():
+        for x in batches(X, 250):
+            stream_len[0] += 1
+            yield x
+
+    dicts = train_dictionaries(stream(), configs, save_dir=tmp_path, progress=False)
+    assert stream_len[0] == 20  # each batch read once, shared by both dictionaries
+    for i, ae in enumerate(dicts):
+        loaded, config = load_dictionary(tmp_path / f"trainer_{i}")
+        assert config["trainer"]["sparsity_penalty"] == configs[i].sparsity_penalty
+        assert torch.equal(loaded.encoder.weight, ae.encoder.weight)
+    l0 = [(ae.encode(X) > 0).sum(-1).float().mean() for ae in dicts]
+    assert l0[1] < l0[0]  # the larger penalty is sparser
+
+
+def test_crash_mid_run_leaves_loadable_checkpoint(tmp_path):
+    X, _ = planted_dictionary_data(d=16, m=32, n=5_000, seed=5)
+
+    def stream():
+        yield from batches(X[:2000], 250)  # 8 good batches
+        yield torch.randn(250, 17)          # then a batch of the wrong width
+
+    with pytest.raises(ValueError, match="last dimension is 16"):
+        train_dictionaries(stream(), [TrainerConfig(16, 32)], save_dir=tmp_path, save_steps=4,
+                           progress=False)
+    ckpt = AutoEncoder.from_pretrained(tmp_path / "checkpoints" / "ae_8.pt")
+    assert ckpt.activation_dim == 16
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["run"]["steps_done"] == 8 and not config["run"]["finished"]
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        TrainerConfig(8, 16, penalty="l2")
+    with pytest.raises(ValueError, match="unknown dictionary class 'Nope'"):
+        TrainerConfig(8, 16, dict_class="Nope")
+    with pytest.raises(ValueError, match="activation_dim is 8 but the activations have width 9"):
+        trainSAE(iter([torch.randn(4, 9)]), 8, 16, lr=1e-3, sparsity_penalty=1e-3)
+    with pytest.raises(ValueError, match="no batch"):
+        trainSAE(iter([]), 8, 16, lr=1e-3, sparsity_penalty=1e-3)
