@@ -1,0 +1,28 @@
+"""dictionary_learning: train and evaluate sparse autoencoders ("dictionaries") on the
+activations of HuggingFace language models, read and patched with nnsight.
+
+    text -> ActivationBuffer -> trainSAE -> ae.pt + config.json -> evaluate / load_dictionary
+"""
+
+from .buffer import ActivationBuffer
+from .evaluation import evaluate, feature_frequency_histogram, loss_recovered, reconstruction_metrics
+from .dictionary import AutoEncoder, Dictionary, IdentityDict, MLPStretcher
+from .loading import load_dictionary
+from .training import Trainer, TrainerConfig, trainSAE, train_dictionaries
+
+__all__ = [
+    "ActivationBuffer",
+    "AutoEncoder",
+    "Dictionary",
+    "IdentityDict",
+    "MLPStretcher",
+    "Trainer",
+    "TrainerConfig",
+    "evaluate",
+    "feature_frequency_histogram",
+    "load_dictionary",
+    "loss_recovered",
+    "reconstruction_metrics",
+    "trainSAE",
+    "train_dictionaries",
+]

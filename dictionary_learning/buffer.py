@@ -10,7 +10,6 @@ unread, the unread rows are moved to the front and the rest is refilled from new
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
@@ -18,61 +17,14 @@ from itertools import chain, islice
 import torch
 from tqdm.auto import tqdm
 
+from .submodules import IO_MODES, hidden_states, resolve_submodule
 from .tokens import real_token_mask, tokenize_batch
 
 logger = logging.getLogger(__name__)
 
-IO_MODES = ("out", "in", "in_to_out")
 # 2000 contexts x 128 tokens = 256k activations: 0.5 GB for a 512-wide fp32 submodule
 # (Pythia-70m), about 40 s to fill for an early layer on 2 CPU cores.
 DEFAULT_N_CTXS = 2000
-
-
-def resolve_submodule(model, submodule):
-    """The nnsight envoy for ``submodule`` and its dotted name within the model.
-
-    ``submodule`` may be an envoy of ``model`` (``model.gpt_neox.layers[1].mlp``), the
-    ``torch.nn.Module`` inside it, or a dotted path (``"gpt_neox.layers.1.mlp"``).
-    """
-    root = model._module
-    names = {id(m): name for name, m in root.named_modules() if name}
-    if isinstance(submodule, str):
-        envoy = model
-        for part in submodule.split("."):
-            try:
-                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-            except (AttributeError, IndexError, TypeError):
-                close = difflib.get_close_matches(submodule, list(names.values()), n=5)
-                raise ValueError(
-                    f"model has no submodule {submodule!r}"
-                    + (f"; nearest names: {', '.join(close)}" if close else "")
-                ) from None
-        submodule = envoy
-    module = getattr(submodule, "_module", submodule)
-    if not isinstance(module, torch.nn.Module) or id(module) not in names:
-        raise ValueError(
-            "submodule is not a module of this model: pass an envoy of the same nnsight model "
-            "(e.g. model.gpt_neox.layers[1].mlp) or a dotted path such as 'gpt_neox.layers.1.mlp'"
-        )
-    name = names[id(module)]
-    if submodule is module:  # a plain nn.Module: walk to its envoy
-        return resolve_submodule(model, name)
-    return submodule, name
-
-
-def hidden_states(value, where: str) -> torch.Tensor:
-    """The hidden-states tensor of a module input or output.
-
-    Decoder layers in transformers 5 return a plain tensor; attention modules return a tuple
-    whose first element is the hidden states. A tensor is never indexed.
-    """
-    if isinstance(value, (tuple, list)):
-        value = value[0]
-    if not isinstance(value, torch.Tensor) or value.ndim != 3:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{where} is not a (batch, seq, d) tensor (got {shape}); "
-                         "choose a submodule that maps hidden states to hidden states")
-    return value
 
 
 def _linear_width(module: torch.nn.Module, kind: str) -> int | None:

@@ -9,7 +9,6 @@ with no meaning; they exercise every code path at the cost of a real model's sha
 from __future__ import annotations
 
 import inspect
-import pkgutil
 import warnings
 from collections.abc import Iterator
 from itertools import islice
@@ -39,8 +38,11 @@ def stdlib_texts(min_chars: int = 40) -> Iterator[str]:
             except Exception:  # noqa: BLE001 - any stdlib module may fail to import here
                 continue
         for obj in [module, *(v for _, v in sorted(vars(module).items()))]:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                          or inspect.isfunction(obj)) else None
+            if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            with warnings.catch_warnings():  # typing.io & co. warn when touched
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if doc and len(doc) >= min_chars and doc not in seen:
                 seen.add(doc)
                 yield doc

@@ -1,0 +1,68 @@
+"""Finding a submodule in an nnsight model, and its hidden states in what it takes and returns.
+
+Shared by the buffer (which reads activations) and evaluation (which patches them).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+IO_MODES = ("out", "in", "in_to_out")
+"""Which activation of a submodule: its output, its input, or both as (input, output)."""
+
+
+def resolve_submodule(model, submodule):
+    """The nnsight envoy for ``submodule`` and its dotted name within the model.
+
+    ``submodule`` may be an envoy of ``model`` (``model.gpt_neox.layers[1].mlp``), the
+    ``torch.nn.Module`` inside it, or a dotted path (``"gpt_neox.layers.1.mlp"``).
+    """
+    root = model._module
+    names = {id(m): name for name, m in root.named_modules() if name}
+    if isinstance(submodule, str):
+        envoy = model
+        for part in submodule.split("."):
+            try:
+                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+            except (AttributeError, IndexError, TypeError):
+                close = difflib.get_close_matches(submodule, list(names.values()), n=5)
+                raise ValueError(
+                    f"model has no submodule {submodule!r}"
+                    + (f"; nearest names: {', '.join(close)}" if close else "")
+                ) from None
+        submodule = envoy
+    module = getattr(submodule, "_module", submodule)
+    if not isinstance(module, torch.nn.Module) or id(module) not in names:
+        raise ValueError(
+            "submodule is not a module of this model: pass an envoy of the same nnsight model "
+            "(e.g. model.gpt_neox.layers[1].mlp) or a dotted path such as 'gpt_neox.layers.1.mlp'"
+        )
+    name = names[id(module)]
+    if submodule is module:  # a plain nn.Module: walk to its envoy
+        return resolve_submodule(model, name)
+    return submodule, name
+
+
+def hidden_states(value, where: str) -> torch.Tensor:
+    """The hidden-states tensor of a module input or output.
+
+    Decoder layers in transformers 5 return a plain tensor; attention modules return a tuple
+    whose first element is the hidden states. A tensor is never indexed.
+    """
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor) or value.ndim != 3:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{where} is not a (batch, seq, d) tensor (got {shape}); "
+                         "choose a submodule that maps hidden states to hidden states")
+    return value
+
+
+def with_hidden_states(value, new: torch.Tensor):
+    """``value`` (a module input or output) with its hidden states replaced by ``new``,
+    keeping the container type of a tuple and its other elements."""
+    if isinstance(value, (tuple, list)):
+        return type(value)((new, *value[1:]))
+    return new
