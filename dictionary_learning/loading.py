@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import architectures  # noqa: F401 - registers every dictionary class
 from .registry import get_dictionary_class
 
 logger = logging.getLogger(__name__)

@@ -78,6 +78,7 @@ class CheckpointWriter:
         self.buffer_config = buffer_config
         trainer_section = {
             **dataclasses.asdict(trainer.config),
+            **trainer.config.dict_kwargs,  # upstream's loader reads e.g. "k" here
             "trainer_class": "Trainer",
             "steps": steps,
             "device": str(trainer.device),
@@ -100,6 +101,7 @@ class CheckpointWriter:
                 "steps_done": step,
                 "activations_trained": n_tokens,
                 "features_resampled": self.trainer.n_resampled,
+                "activation_scale": self.trainer.activation_scale,
                 "versions": versions(),
             },
         }
@@ -112,18 +114,20 @@ class CheckpointWriter:
     def checkpoint(self, step: int, n_tokens: int) -> None:
         t = self.trainer
         folder = self.folder / "checkpoints"
-        save_state_dict(t.dictionary.state_dict(), folder / f"ae_{step}.pt")
+        save_state_dict(t.raw_dictionary().state_dict(), folder / f"ae_{step}.pt")
         save_state_dict({
             "step": step,
             "activations_trained": n_tokens,
             "optimizer": t.optimizer.state_dict(),
             "steps_since_active": t.steps_since_active,
+            "tokens_since_active": t.tokens_since_active,
             "warm_start": t.warm_start,
+            "activation_scale": t.activation_scale,
             "n_resampled": t.n_resampled,
         }, folder / f"trainer_state_{step}.pt")
         self._write_config(step, n_tokens, finished=False)
 
     def finish(self, step: int, n_tokens: int, buffer_config: dict) -> None:
         self.buffer_config = buffer_config
-        save_state_dict(self.trainer.dictionary.state_dict(), self.folder / WEIGHTS_NAME)
+        save_state_dict(self.trainer.raw_dictionary().state_dict(), self.folder / WEIGHTS_NAME)
         self._write_config(step, n_tokens, finished=True)

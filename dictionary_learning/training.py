@@ -14,17 +14,18 @@ Loss (per batch of B tokens):
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .dictionary import PENALTIES, Dictionary, feature_rows
+from .base import PENALTIES, Dictionary, LossContext, feature_rows
+from . import architectures  # noqa: F401 - registers every dictionary class
 from .registry import get_dictionary_class
 from .saving import CheckpointWriter
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """One dictionary to train."""
+    """One dictionary to train. Unknown keyword arguments are an error."""
 
     activation_dim: int
     """Width of the activations fed to the encoder."""
@@ -42,17 +43,32 @@ class TrainerConfig:
     lr: float = 1e-3
     """Peak Adam learning rate."""
     sparsity_penalty: float = 1e-3
-    """Coefficient of the sparsity term."""
+    """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
+    architectures whose sparsity is structural (TopK)."""
     penalty: str = "l1"
-    """Sparsity term: ``"l1"`` or ``"entropy"``."""
+    """Sparsity term of architectures that offer a choice: ``"l1"`` or ``"entropy"``."""
     dict_class: str = "AutoEncoder"
     """Registered dictionary class."""
     output_dim: int | None = None
     """Width of the reconstruction target when it differs (``MLPStretcher``)."""
+    dict_kwargs: dict = field(default_factory=dict)
+    """Further constructor arguments of the class (``k``, ``group_sizes``, ...)."""
     warmup_steps: int = 1000
     """Linear learning-rate warm-up, from the start and again after each resampling."""
+    decay_start: int | None = None
+    """Step from which the learning rate decays linearly to 0 at the last step (needs a
+    known number of steps)."""
+    sparsity_warmup_steps: int | None = None
+    """Linear warm-up of the sparsity penalty from 0 over this many steps."""
+    grad_clip_norm: float | None = None
+    """Clip the gradient's global norm to this value."""
+    normalize_activations: bool = False
+    """Train on activations scaled to an average norm of sqrt(activation_dim); the scale is
+    folded back into the saved weights, so saved dictionaries take raw activations."""
     resample_steps: int | None = None
     """Every this many steps, features that did not fire in the window are resampled."""
+    dead_feature_tokens: int = 10_000_000
+    """A feature that has not fired for this many tokens is dead (for AuxK-style losses)."""
     seed: int | None = 0
     """Seed for the dictionary's initialisation."""
 
@@ -60,11 +76,15 @@ class TrainerConfig:
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
         get_dictionary_class(self.dict_class)  # raises on an unknown name
-        for name in ("activation_dim", "dict_size", "warmup_steps"):
-            if getattr(self, name) < (1 if name != "warmup_steps" else 0):
+        for name in ("activation_dim", "dict_size"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.resample_steps is not None and self.resample_steps < 1:
-            raise ValueError(f"resample_steps must be positive or None, got {self.resample_steps}")
+        for name in ("warmup_steps", "decay_start", "sparsity_warmup_steps", "grad_clip_norm",
+                     "resample_steps", "dead_feature_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name in ("warmup_steps", "decay_start")
+                                              else 1e-12):
+                raise ValueError(f"{name} must be positive (or None), got {value}")
         if self.lr <= 0 or self.sparsity_penalty < 0:
             raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
                              f"sparsity_penalty={self.sparsity_penalty}")
@@ -73,55 +93,92 @@ class TrainerConfig:
         cls = get_dictionary_class(self.dict_class)
         if self.seed is not None:
             torch.manual_seed(self.seed)
-        extra = {} if self.output_dim is None else {"output_dim": self.output_dim}
-        return cls(self.activation_dim, self.dict_size, **extra)
+        extra = dict(self.dict_kwargs)
+        if self.output_dim is not None:
+            extra["output_dim"] = self.output_dim
+        try:
+            return cls(self.activation_dim, self.dict_size, **extra)
+        except TypeError as e:
+            raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
 class Trainer:
-    """The optimisation state of one dictionary: optimizer, schedule, dead-feature counts."""
+    """The optimisation state of one dictionary: optimizer, schedules, dead-feature counts."""
 
-    def __init__(self, config: TrainerConfig, device: str | torch.device = "cpu"):
+    def __init__(self, config: TrainerConfig, device: str | torch.device = "cpu",
+                 total_steps: int | None = None):
         self.config, self.device = config, torch.device(device)
+        self.total_steps = total_steps
+        if config.decay_start is not None and total_steps is None:
+            raise ValueError("decay_start needs a known number of steps: pass steps")
         self.dictionary = config.build().to(device)
         self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=config.lr)
-        self.steps_since_active = torch.zeros(self.dictionary.dict_size, dtype=torch.long,
-                                              device=device)
+        m = self.dictionary.dict_size
+        self.steps_since_active = torch.zeros(m, dtype=torch.long, device=device)
+        self.tokens_since_active = torch.zeros(m, dtype=torch.long, device=device)
         self.warm_start = 0        # step at which the current warm-up began
         self.n_resampled = 0
+        self.activation_scale = 1.0  # activations are multiplied by this before training
 
     def lr_at(self, step: int) -> float:
-        warmup = self.config.warmup_steps
-        factor = 1.0 if warmup == 0 else min(1.0, (step - self.warm_start + 1) / warmup)
-        return self.config.lr * factor
+        cfg = self.config
+        factor = 1.0 if cfg.warmup_steps == 0 else min(
+            1.0, (step - self.warm_start + 1) / cfg.warmup_steps)
+        if cfg.decay_start is not None and step >= cfg.decay_start:
+            span = max(1, self.total_steps - cfg.decay_start)
+            factor *= max(0.0, 1.0 - (step - cfg.decay_start) / span)
+        return cfg.lr * factor
+
+    def sparsity_coefficient(self, step: int) -> float:
+        warm = self.config.sparsity_warmup_steps
+        factor = 1.0 if not warm else min(1.0, (step + 1) / warm)
+        return self.config.sparsity_penalty * factor
 
     def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """One Adam step on a batch; returns the logged terms of that batch."""
         cfg, ae = self.config, self.dictionary
+        if self.activation_scale != 1.0:
+            x, target = x * self.activation_scale, target * self.activation_scale
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
-        terms, f = ae.loss_terms(x, target, cfg.penalty)
-        loss = terms["mse"] + cfg.sparsity_penalty * terms[cfg.penalty]
+        ctx = LossContext(penalty=cfg.penalty,
+                          dead=self.tokens_since_active >= cfg.dead_feature_tokens)
+        out = ae.loss_terms(x, target, ctx)
+        loss = sum(value * (self.sparsity_coefficient(step) if name == out.sparsity else 1.0)
+                   for name, value in out.terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        unit_norm = ae.decoder_norm == "unit"
-        if unit_norm:
-            ae.remove_parallel_decoder_grad()
+        ae.constrain_gradients()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip_norm)
         self.optimizer.step()
-        if unit_norm:
-            ae.set_decoder_norm_to_unit_norm()
+        ae.apply_constraints()
 
         with torch.no_grad():
+            f = out.features
             fired = (f > 0).any(dim=0)
             self.steps_since_active += 1
             self.steps_since_active[fired] = 0
+            self.tokens_since_active += x.shape[0]
+            self.tokens_since_active[fired] = 0
             if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
                 self.resample_dead(step, x, target)
             variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
-            logged = {name: float(v) for name, v in terms.items()}
+            logged = {name: float(v) for name, v in out.terms.items()}
             logged["loss"] = float(loss)
-            logged["l0"] = float((f > 0).sum(dim=-1).float().mean())
-            logged["frac_variance_explained"] = float(1 - terms["mse"] / variance)
+            logged["l0"] = float((f != 0).sum(dim=-1).float().mean())
+            logged["frac_variance_explained"] = float(1 - out.terms["mse"] / variance)
+            logged["lr"] = self.optimizer.param_groups[0]["lr"]
         return logged
+
+    def raw_dictionary(self) -> Dictionary:
+        """The dictionary as it applies to raw activations: with ``normalize_activations``
+        the scale is folded into a copy's biases; otherwise the dictionary itself."""
+        if self.activation_scale == 1.0:
+            return self.dictionary
+        raw = copy.deepcopy(self.dictionary)
+        raw.scale_biases(1.0 / self.activation_scale)
+        return raw
 
     @torch.no_grad()
     def resample_dead(self, step: int, x: torch.Tensor, target: torch.Tensor) -> int:
@@ -147,12 +204,14 @@ class Trainer:
         alive_norm = ae.W_enc[~dead].norm(dim=-1).mean() if (~dead).any() else 1.0
         ae.W_enc[dead] = x_dir.to(ae.W_enc.dtype) * alive_norm * 0.2
         ae.W_dec[dead] = t_dir.to(ae.W_dec.dtype)
-        ae.b_enc[dead] = 0.0
+        if ae.b_enc is not None:
+            ae.b_enc[dead] = 0.0
         for param, axis in ae.feature_parameters().values():
             for moment in self.optimizer.state.get(param, {}).values():
                 if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
                     feature_rows(moment, axis)[dead] = 0.0
         self.steps_since_active[dead] = 0
+        self.tokens_since_active[dead] = 0
         self.warm_start = step + 1
         self.n_resampled += n_dead
         logger.info("step %d: resampled %d dead features of %s", step, n_dead,
@@ -190,7 +249,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
-    trainers = [Trainer(cfg, device) for cfg in configs]
+    trainers = [Trainer(cfg, device, total_steps=steps) for cfg in configs]
     writers = []
     if save_dir is not None:
         dirs = ([Path(save_dir)] if len(configs) == 1
@@ -209,6 +268,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             if steps is not None and step >= steps:
                 break
             x, target = _split(batch, device, dtype)
+            if step == 0:
+                _set_activation_scales(trainers, x)
             logged = [t.step(step, x, target) for t in trainers]
             n_tokens += x.shape[0]
             step += 1
@@ -232,7 +293,18 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         logger.warning("activations ran out after %d of %d steps", step, steps)
     for w in writers:
         w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
-    return [t.dictionary for t in trainers]
+    return [t.raw_dictionary() for t in trainers]
+
+
+def _set_activation_scales(trainers: list[Trainer], x: torch.Tensor) -> None:
+    """For trainers that normalise activations: the factor that gives the first batch an
+    average norm of sqrt(d) (a random batch of a shuffled buffer is a fair sample)."""
+    mean_norm = float(x.norm(dim=-1).mean())
+    if mean_norm <= 0:
+        raise ValueError("the first batch of activations is all zeros: cannot normalise")
+    for t in trainers:
+        if t.config.normalize_activations:
+            t.activation_scale = x.shape[-1] ** 0.5 / mean_norm
 
 
 def _save_schedule(save_steps):

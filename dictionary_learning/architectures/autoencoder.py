@@ -1,0 +1,59 @@
+"""The published ReLU autoencoder (saprmarks/dictionary_learning's ``AutoEncoder``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..base import Dictionary, check_keys, check_width
+from ..registry import register
+
+
+@register
+class AutoEncoder(Dictionary):
+    """The published ReLU autoencoder, one hidden layer, untied weights.
+
+    ``f = relu(encoder(x - bias))``, ``x_hat = decoder(f) + bias``.
+    Stored: ``bias [d]``, ``encoder.weight [m, d]``, ``encoder.bias [m]``,
+    ``decoder.weight [d, m]`` (column ``i`` is feature ``i``).
+    """
+
+    _feature_axis = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
+    _roles = {"W_dec": "decoder.weight", "W_enc": "encoder.weight", "b_enc": "encoder.bias"}
+
+    def __init__(self, activation_dim: int, dict_size: int):
+        super().__init__()
+        self.activation_dim = self.output_dim = activation_dim
+        self.dict_size = dict_size
+        self.bias = nn.Parameter(torch.zeros(activation_dim))
+        self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
+        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        # Random unit-norm decoder directions; encoder starts as their transpose.
+        with torch.no_grad():
+            w = torch.randn(dict_size, activation_dim)
+            w /= w.norm(dim=-1, keepdim=True)
+            self.decoder.weight.copy_(w.T)
+            self.encoder.weight.copy_(w)
+            self.encoder.bias.zero_()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
+        return torch.relu(self.encoder(x - self.bias))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        check_width(f, self.dict_size, f"{type(self).__name__}.decode")
+        return self.decoder(f) + self.bias
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Multiply every bias by ``scale`` (for activations rescaled by the same factor)."""
+        self.bias.mul_(scale)
+        self.encoder.bias.mul_(scale)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **kwargs) -> "AutoEncoder":
+        check_keys(cls, state_dict, {"bias", "encoder.weight", "encoder.bias", "decoder.weight"})
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        ae = cls(activation_dim, dict_size)
+        ae.load_state_dict(state_dict)
+        return ae
