@@ -6,7 +6,8 @@ Every dictionary has the same face:
 - ``decode(f)``   ``[..., m]     -> [..., d_out]`` reconstruction ``x_hat``
 - ``forward(x, output_features=False)`` returns ``x_hat`` (and ``f`` when asked)
 - ``loss_terms(x, target, ctx)`` the named loss terms of a training batch (:class:`LossOutput`)
-- ``apply_constraints()`` / ``constrain_gradients()`` what it keeps true around each step
+- ``constrain_gradients()`` / ``apply_constraints(out)`` what it keeps true around each step
+- ``init_from_data(x, target)`` data-dependent initialisation from the first batch
 - ``scale_biases(s)`` rescale for activations multiplied by ``s``
 - ``from_state_dict`` / ``from_pretrained(path, device=...)``
 
@@ -189,10 +190,17 @@ class Dictionary(nn.Module):
         g.sub_((g * w).sum(dim=-1, keepdim=True) * w)
 
     @torch.no_grad()
-    def apply_constraints(self) -> None:
-        """After the optimizer step: renormalise decoder rows (``decoder_norm == "unit"``)."""
+    def apply_constraints(self, out: LossOutput | None = None) -> None:
+        """After the optimizer step: renormalise decoder rows (``decoder_norm == "unit"``).
+        ``out`` is the step's :class:`LossOutput`, for architectures whose constraint
+        depends on the batch (e.g. a running threshold estimate)."""
         if self.decoder_norm == "unit":
             self.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Called once with the first training batch, before the first step (e.g. to put a
+        decoder bias at the data's geometric median). Does nothing by default."""
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:

@@ -152,7 +152,7 @@ class Trainer:
         if cfg.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip_norm)
         self.optimizer.step()
-        ae.apply_constraints()
+        ae.apply_constraints(out)
 
         with torch.no_grad():
             f = out.features
@@ -270,6 +270,9 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             x, target = _split(batch, device, dtype)
             if step == 0:
                 _set_activation_scales(trainers, x)
+                for t in trainers:
+                    t.dictionary.init_from_data(x * t.activation_scale,
+                                                target * t.activation_scale)
             logged = [t.step(step, x, target) for t in trainers]
             n_tokens += x.shape[0]
             step += 1
