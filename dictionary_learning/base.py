@@ -136,15 +136,28 @@ class Dictionary(nn.Module):
         Architectures with other objectives override this."""
         target = x if target is None else target
         x_hat, f = self(x, output_features=True)
-        terms = {"mse": reconstruction_loss(x_hat, target), ctx.penalty: PENALTIES[ctx.penalty](f)}
+        # Classic features are ReLU outputs: their L1 norm is their sum (no abs pass).
+        penalty = f.sum(dim=-1).mean() if ctx.penalty == "l1" else PENALTIES[ctx.penalty](f)
+        terms = {"mse": reconstruction_loss(x_hat, target), ctx.penalty: penalty}
         return LossOutput(terms, f, sparsity=ctx.penalty)
 
     # -- accessor layout ------------------------------------------------------------------
+    def _stored(self, name: str) -> nn.Parameter:
+        """The stored parameter ``name`` (dotted for submodules). Unlike ``get_parameter``
+        this works where a published name (``W_enc``, ``W_dec``, ``b_enc``) is also an
+        accessor property below, which shadows plain attribute access."""
+        path, _, leaf = name.rpartition(".")
+        module = self.get_submodule(path) if path else self
+        try:
+            return module._parameters[leaf]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no parameter {name!r}") from None
+
     def _role(self, role: str) -> torch.Tensor | None:
         name = self._roles.get(role)
         if name is None:
             return None
-        return feature_rows(self.get_parameter(name), self._feature_axis[name])
+        return feature_rows(self._stored(name), self._feature_axis[name])
 
     @property
     def W_dec(self) -> torch.Tensor:
@@ -160,7 +173,7 @@ class Dictionary(nn.Module):
 
     def feature_parameters(self) -> dict[str, tuple[nn.Parameter, int]]:
         """Every parameter indexed by feature, with the axis that indexes it."""
-        return {n: (self.get_parameter(n), ax) for n, ax in self._feature_axis.items()}
+        return {n: (self._stored(n), ax) for n, ax in self._feature_axis.items()}
 
     # -- constraints -------------------------------------------------------------------
     @torch.no_grad()
@@ -182,7 +195,7 @@ class Dictionary(nn.Module):
         if self.decoder_norm != "unit":
             return
         name = self._roles["W_dec"]
-        param = self.get_parameter(name)
+        param = self._stored(name)
         if param.grad is None:
             return
         w = self.W_dec

@@ -20,11 +20,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .base import PENALTIES, Dictionary, LossContext, feature_rows
+from .base import PENALTIES, Dictionary, LossContext, LossOutput, feature_rows
 from . import architectures  # noqa: F401 - registers every dictionary class
 from .registry import get_dictionary_class
 from .saving import CheckpointWriter
@@ -102,6 +103,16 @@ class TrainerConfig:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
+class StepResult(NamedTuple):
+    """What one step leaves behind: the total loss, the loss terms and features, and the
+    (scaled) target the reconstruction was compared with."""
+
+    loss: torch.Tensor
+    out: LossOutput
+    target: torch.Tensor
+    lr: float
+
+
 class Trainer:
     """The optimisation state of one dictionary: optimizer, schedules, dead-feature counts."""
 
@@ -134,13 +145,15 @@ class Trainer:
         factor = 1.0 if not warm else min(1.0, (step + 1) / warm)
         return self.config.sparsity_penalty * factor
 
-    def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """One Adam step on a batch; returns the logged terms of that batch."""
+    def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> StepResult:
+        """One Adam step on a batch. Cheap to return; :meth:`summary` turns the result into
+        logged numbers when the loop wants them (not every step)."""
         cfg, ae = self.config, self.dictionary
         if self.activation_scale != 1.0:
             x, target = x * self.activation_scale, target * self.activation_scale
+        lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+            group["lr"] = lr
         ctx = LossContext(penalty=cfg.penalty,
                           dead=self.tokens_since_active >= cfg.dead_feature_tokens)
         out = ae.loss_terms(x, target, ctx)
@@ -155,20 +168,29 @@ class Trainer:
         ae.apply_constraints(out)
 
         with torch.no_grad():
-            f = out.features
-            fired = (f > 0).any(dim=0)
+            # Features of every trainable architecture are non-negative: a feature fired
+            # on the batch iff its maximum is positive (cheaper than a mask).
+            fired = out.features.amax(dim=0) > 0
             self.steps_since_active += 1
             self.steps_since_active[fired] = 0
             self.tokens_since_active += x.shape[0]
             self.tokens_since_active[fired] = 0
             if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
                 self.resample_dead(step, x, target)
-            variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
-            logged = {name: float(v) for name, v in out.terms.items()}
-            logged["loss"] = float(loss)
-            logged["l0"] = float((f != 0).sum(dim=-1).float().mean())
-            logged["frac_variance_explained"] = float(1 - out.terms["mse"] / variance)
-            logged["lr"] = self.optimizer.param_groups[0]["lr"]
+        return StepResult(loss.detach(), out, target, lr)
+
+    @staticmethod
+    @torch.no_grad()
+    def summary(result: StepResult) -> dict[str, float]:
+        """Logged numbers of a step: every loss term, the total, L0, the fraction of
+        variance explained on the batch, and the learning rate."""
+        terms, f, target = result.out.terms, result.out.features, result.target
+        variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        logged = {name: float(v) for name, v in terms.items()}
+        logged["loss"] = float(result.loss)
+        logged["l0"] = float(torch.count_nonzero(f != 0)) / f.shape[0]
+        logged["frac_variance_explained"] = float(1 - terms["mse"] / variance)
+        logged["lr"] = result.lr
         return logged
 
     def raw_dictionary(self) -> Dictionary:
@@ -273,11 +295,12 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                 for t in trainers:
                     t.dictionary.init_from_data(x * t.activation_scale,
                                                 target * t.activation_scale)
-            logged = [t.step(step, x, target) for t in trainers]
+            results = [t.step(step, x, target) for t in trainers]
             n_tokens += x.shape[0]
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == 1:
+                logged = [Trainer.summary(r) for r in results]
                 elapsed = bar.format_dict["elapsed"] or float("nan")
                 bar.set_postfix(mse=f"{logged[0]['mse']:.4g}", l0=f"{logged[0]['l0']:.1f}",
                                 tok_s=f"{n_tokens / elapsed:.0f}")

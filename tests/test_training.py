@@ -86,8 +86,8 @@ def test_entropy_penalty_trains_and_lowers_loss():
     cfg = TrainerConfig(16, 64, lr=1e-2, sparsity_penalty=0.1, penalty="entropy",
                         warmup_steps=5)
     trainer = Trainer(cfg)
-    losses = [trainer.step(i, x, x)["loss"] for i, x in enumerate(batches(X, 256))]
-    assert set(trainer.step(0, X[:8], X[:8])) >= {"mse", "entropy", "l0"}
+    losses = [float(trainer.step(i, x, x).loss) for i, x in enumerate(batches(X, 256))]
+    assert set(Trainer.summary(trainer.step(0, X[:8], X[:8]))) >= {"mse", "entropy", "l0"}
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..base import Dictionary, check_keys, check_width
 from ..registry import register
@@ -38,7 +39,10 @@ class AutoEncoder(Dictionary):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
-        return torch.relu(self.encoder(x - self.bias))
+        # encoder(x - bias) written as W x + (b_enc - W bias): the same numbers, but training
+        # needs no gradient with respect to the input (a sixth B x d x m product).
+        w = self.encoder.weight
+        return torch.relu(F.linear(x, w, self.encoder.bias - w @ self.bias))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         check_width(f, self.dict_size, f"{type(self).__name__}.decode")

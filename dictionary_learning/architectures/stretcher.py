@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..base import Dictionary, check_keys, check_width
 from ..registry import register
@@ -35,7 +36,8 @@ class MLPStretcher(Dictionary):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.activation_dim, "MLPStretcher.encode")
-        return torch.relu(self.encoder(x - self.in_bias))
+        w = self.encoder.weight  # as AutoEncoder.encode: no input gradient needed
+        return torch.relu(F.linear(x, w, self.encoder.bias - w @ self.in_bias))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         check_width(f, self.dict_size, "MLPStretcher.decode")
