@@ -1,11 +1,12 @@
-"""ActivationBuffer: a shuffled store of a submodule's activations, refilled from text.
+"""ActivationBuffer: a shuffled store of submodule activations, refilled from text.
 
-Data flow: strings -> left-padded token batches (``tokens.py``) -> one nnsight trace per
-batch, stopped right after the hooked submodule -> the real tokens' rows are written in
-place into a preallocated ``[n_ctxs * ctx_len, d]`` store -> batches of
-``out_batch_size`` rows are served in the order of one random permutation per refill,
-so no row is served twice within a fill. When fewer than half of the stored rows are
-unread, the unread rows are moved to the front and the rest is refilled from new text.
+Data flow: strings -> token batches (``tokens.py``: left-padded and masked, or packed into
+full windows) -> one nnsight trace per batch, stopped right after the deepest hooked
+submodule -> the real tokens' rows are written in place into a preallocated
+``[n_ctxs * ctx_len, d]`` store per hooked tensor -> batches of ``out_batch_size`` rows are
+served in the order of one random permutation per refill, so no row is served twice within
+a fill. When fewer than half of the stored rows are unread, the unread rows are moved to
+the front and the rest is refilled from new text.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from itertools import chain, islice
 import torch
 from tqdm.auto import tqdm
 
-from .submodules import IO_MODES, hidden_states, resolve_submodule
-from .tokens import real_token_mask, tokenize_batch
+from .submodules import IO_MODES, forward_order, hidden_states, resolve_submodule
+from .tokens import TokenPacker, real_token_mask, tokenize_batch
 
 logger = logging.getLogger(__name__)
 
 # 2000 contexts x 128 tokens = 256k activations: 0.5 GB for a 512-wide fp32 submodule
 # (Pythia-70m), about 40 s to fill for an early layer on 2 CPU cores.
 DEFAULT_N_CTXS = 2000
+KINDS = {"out": ("output",), "in": ("input",), "in_to_out": ("input", "output")}
 
 
 def _linear_width(module: torch.nn.Module, kind: str) -> int | None:
@@ -39,17 +41,22 @@ class ActivationBuffer:
     Args:
         data: any iterable of strings (documents).
         model: an nnsight model of a causal LM (``LanguageModel`` or ``TransformersModel``).
-        submodule: an envoy of ``model``, its ``nn.Module`` or its dotted path.
+        submodule: an envoy of ``model``, its ``nn.Module`` or its dotted path; or a list of
+            them, collected in one forward pass and served as ``{name: batch}`` dicts whose
+            rows are the same tokens.
         d_submodule: activation width; for ``io="in_to_out"`` an int (both widths) or
             ``(d_in, d_out)``. Inferred when omitted.
         io: ``"out"`` (the submodule's output), ``"in"`` (its input) or ``"in_to_out"``
             (``(x_in, x_out)`` pairs, for an MLP stretcher).
         n_ctxs: the store holds ``n_ctxs * ctx_len`` activations.
-        ctx_len: tokens per context (longer texts are truncated).
-        refresh_batch_size: texts per forward pass when refilling.
+        ctx_len: tokens per context (longer texts are truncated, unless packed).
+        refresh_batch_size: contexts per forward pass when refilling.
         out_batch_size: rows per served batch (the last one may be smaller).
-        device, dtype: where and how the store is kept (and batches served).
+        device, dtype: where and how the store is kept (and batches served); a half
+            precision dtype halves the memory.
         remove_bos: drop the first real token of every context.
+        pack: pack documents into full ``ctx_len`` windows (no padding, no truncation)
+            instead of truncating and padding each document.
         in_feats, out_feats, in_batch_size: older names of ``d_submodule`` (input and output
             widths) and ``refresh_batch_size``, accepted so existing code runs unchanged.
     """
@@ -58,7 +65,7 @@ class ActivationBuffer:
                  n_ctxs: int = DEFAULT_N_CTXS, ctx_len: int = 128, refresh_batch_size: int = 512,
                  out_batch_size: int = 8192, device: str | torch.device = "cpu",
                  remove_bos: bool = False, dtype: torch.dtype = torch.float32, *,
-                 in_feats: int | None = None, out_feats: int | None = None,
+                 pack: bool = False, in_feats: int | None = None, out_feats: int | None = None,
                  in_batch_size: int | None = None, progress: bool = True):
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
@@ -71,11 +78,20 @@ class ActivationBuffer:
             raise TypeError("data must be an iterable of strings, not a single string; "
                             "wrap it in a list")
         self.model, self.io, self.ctx_len = model, io, int(ctx_len)
-        self.submodule, self.submodule_name = resolve_submodule(model, submodule)
+        many = isinstance(submodule, (list, tuple))
+        resolved = [resolve_submodule(model, s) for s in (submodule if many else [submodule])]
+        if not resolved:
+            raise ValueError("submodule is an empty list: name at least one submodule")
+        names = [name for _, name in resolved]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a submodule is named twice: {names}")
+        self.submodule, self.submodule_name = resolved[0]
+        self.submodule_names = names if many else None
         self.refresh_batch_size = int(in_batch_size or refresh_batch_size)
         self.out_batch_size, self.n_ctxs = int(out_batch_size), int(n_ctxs)
         self.device, self.dtype, self.remove_bos = torch.device(device), dtype, remove_bos
-        self.progress = progress
+        self.pack, self.progress = pack, progress
+        self._packer = TokenPacker(model.tokenizer, self.ctx_len) if pack else None
 
         self.tokens_seen = 0                    # real tokens collected so far
         self.texts_seen = 0
@@ -85,14 +101,16 @@ class ActivationBuffer:
             raise ValueError("data yielded no text: pass a non-empty iterable of strings")
         self._data, self.texts_seen = chain(first, self._data), 0
 
-        # One (envoy, "input"|"output") pair per served tensor, in forward order.
-        kinds = {"out": ["output"], "in": ["input"], "in_to_out": ["input", "output"]}[io]
-        self._hooks = [(self.submodule, kind) for kind in kinds]
+        # One (envoy, name, "input"|"output") per stored tensor, in forward order.
+        hooks = [(envoy, name, kind) for envoy, name in resolved for kind in KINDS[io]]
+        order = forward_order(model._module, [(e._module, k) for e, _, k in hooks])
+        self._hooks = [hooks[i] for i in order]
         self.widths = self._resolve_widths(d_submodule, in_feats, out_feats, first[0])
 
+        pinned = self.device.type == "cpu" and torch.cuda.is_available()
         capacity = self.n_ctxs * self.ctx_len
-        self._store = [torch.empty(capacity, w, dtype=dtype, device=self.device)
-                       for w in self.widths]
+        self._store = [torch.empty(capacity, w, dtype=dtype, device=self.device,
+                                   pin_memory=pinned) for w in self.widths]
         self._n_stored = 0                      # rows [0, n) of the store hold activations
         self._order = torch.empty(0, dtype=torch.long, device=self.device)  # unread rows
         self._pos = 0
@@ -102,22 +120,27 @@ class ActivationBuffer:
     # -- widths ------------------------------------------------------------------------------
     @property
     def d_submodule(self):
-        return self.widths[0] if len(self.widths) == 1 else tuple(self.widths)
+        widths = {}
+        for (_, name, _), w in zip(self._hooks, self.widths):
+            widths.setdefault(name, []).append(w)
+        per = {n: ws[0] if len(ws) == 1 else tuple(ws) for n, ws in widths.items()}
+        return per if self.submodule_names else per[self.submodule_name]
 
     def _resolve_widths(self, d_submodule, in_feats, out_feats, probe_text) -> list[int]:
+        kinds = KINDS[self.io]
         if isinstance(d_submodule, (tuple, list)):
-            given = list(d_submodule)
+            if len(d_submodule) != len(kinds):
+                raise ValueError(f"io={self.io!r} needs {len(kinds)} widths, got {d_submodule}")
+            given = dict(zip(kinds, d_submodule))
         elif d_submodule is not None:
-            given = [d_submodule] * len(self._hooks)
+            given = dict.fromkeys(kinds, d_submodule)
         else:
-            given = [in_feats if kind == "input" else out_feats for _, kind in self._hooks]
-        if len(given) != len(self._hooks):
-            raise ValueError(f"io={self.io!r} needs {len(self._hooks)} widths, got {d_submodule}")
-        module = self.submodule._module
-        widths = [g if g is not None else _linear_width(module, kind)
-                  for g, (_, kind) in zip(given, self._hooks)]
+            given = {"input": in_feats, "output": out_feats}
+        widths = [given.get(kind) or _linear_width(envoy._module, kind)
+                  for envoy, _, kind in self._hooks]
         if any(w is None for w in widths):
-            probed = [t.shape[-1] for t in self._trace([probe_text])[0]]
+            probe = tokenize_batch(self.model.tokenizer, [probe_text], self.ctx_len)
+            probed = [t.shape[-1] for t in self._trace(probe)]
             widths = [w if w is not None else p for w, p in zip(widths, probed)]
         return [int(w) for w in widths]
 
@@ -137,27 +160,39 @@ class ActivationBuffer:
     def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         return tokenize_batch(self.model.tokenizer, self.text_batch(batch_size), self.ctx_len)
 
+    def _next_inputs(self) -> dict[str, torch.Tensor] | None:
+        """The next model batch of ``refresh_batch_size`` contexts, or ``None`` at the end."""
+        if self._packer is None:
+            texts = self._next_texts(self.refresh_batch_size)
+            return tokenize_batch(self.model.tokenizer, texts, self.ctx_len) if texts else None
+        while self._packer.n_full_windows < self.refresh_batch_size:
+            texts = self._next_texts(max(8, self.refresh_batch_size // 4))
+            if not texts:
+                return self._packer.windows(self.refresh_batch_size, final=True)
+            self._packer.add(texts)
+        return self._packer.windows(self.refresh_batch_size)
+
     # -- collection ----------------------------------------------------------------------------
-    def _trace(self, texts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Activations ``[B, T, d]`` at every hook, and the mask of tokens to keep."""
-        inputs = tokenize_batch(self.model.tokenizer, texts, self.ctx_len)
+    def _trace(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Activations ``[B, T, d]`` at every hook, from one forward pass stopped right after
+        the last hooked value."""
         saved = []
         with torch.inference_mode(), self.model.trace(inputs) as tracer:
-            for envoy, kind in self._hooks:
+            for envoy, _, kind in self._hooks:
                 saved.append((envoy.input if kind == "input" else envoy.output).save())
             tracer.stop()
-        acts = [hidden_states(v, f"{self.submodule_name} {kind}")
-                for v, (_, kind) in zip(saved, self._hooks)]
-        return acts, real_token_mask(inputs["attention_mask"], self.remove_bos)
+        return [hidden_states(v, f"{name} {kind}")
+                for v, (_, name, kind) in zip(saved, self._hooks)]
 
-    def _collect(self, texts: list[str]) -> list[torch.Tensor]:
-        """Rows ``[n, d]`` of real-token activations for ``texts``, one tensor per hook."""
-        acts, keep = self._trace(texts)
+    def _collect(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Rows ``[n, d]`` of real-token activations, one tensor per hook."""
+        acts = self._trace(inputs)
+        keep = real_token_mask(inputs["attention_mask"], self.remove_bos)
         rows = []
-        for a, w, (_, kind) in zip(acts, self.widths, self._hooks):
+        for a, w, (_, name, kind) in zip(acts, self.widths, self._hooks):
             if a.shape[-1] != w:
-                raise ValueError(f"{self.submodule_name} {kind} has width {a.shape[-1]}, but "
-                                 f"the buffer was told {w}: fix d_submodule (or omit it)")
+                raise ValueError(f"{name} {kind} has width {a.shape[-1]}, but the buffer was "
+                                 f"told {w}: fix d_submodule (or omit it)")
             rows.append(a[keep.to(a.device)])
         self.tokens_seen += int(keep.sum())
         return rows
@@ -186,11 +221,11 @@ class ActivationBuffer:
             if self._pending:
                 self._write(self._pending.pop(0))
             else:
-                texts = self._next_texts(self.refresh_batch_size)
-                if not texts:
+                inputs = self._next_inputs()
+                if inputs is None:
                     self._text_exhausted = True
                     break
-                self._write(self._collect(texts))
+                self._write(self._collect(inputs))
             bar.update(self._n_stored - before)
         bar.close()
         self._order = torch.randperm(self._n_stored, device=self.device)
@@ -213,8 +248,22 @@ class ActivationBuffer:
             raise StopIteration
         idx = self._order[self._pos:self._pos + self.out_batch_size]
         self._pos += len(idx)
-        batch = [store[idx] for store in self._store]
-        return batch[0] if len(batch) == 1 else tuple(batch)
+        rows = [self._gather(store, idx) for store in self._store]
+        if not self.submodule_names:
+            return rows[0] if len(rows) == 1 else tuple(rows)
+        served: dict[str, list[torch.Tensor]] = {}
+        for r, (_, name, _) in zip(rows, self._hooks):
+            served.setdefault(name, []).append(r)
+        return {name: rs[0] if len(rs) == 1 else tuple(rs) for name, rs in served.items()}
+
+    @staticmethod
+    def _gather(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``store[idx]``; into pinned memory when the store is pinned, so that copying the
+        batch to a GPU can overlap computation."""
+        if not store.is_pinned():
+            return store[idx]
+        out = torch.empty((len(idx), store.shape[1]), dtype=store.dtype, pin_memory=True)
+        return torch.index_select(store, 0, idx, out=out)
 
     @property
     def config(self) -> dict:
@@ -232,9 +281,9 @@ class ActivationBuffer:
             "remove_bos": self.remove_bos,
             "lm_name": model_name(self.model),
             "submodule_name": self.submodule_name,
+            "submodule_names": self.submodule_names,
             "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-            "padding_side": "left",
-            "truncation": True,
+            "tokenization": "packed" if self.pack else "truncate, left-pad, mask",
             "tokens_seen": self.tokens_seen,
         }
 

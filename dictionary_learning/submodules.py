@@ -66,3 +66,19 @@ def with_hidden_states(value, new: torch.Tensor):
     if isinstance(value, (tuple, list)):
         return type(value)((new, *value[1:]))
     return new
+
+
+def forward_order(root: torch.nn.Module, hooks: list[tuple[torch.nn.Module, str]]) -> list[int]:
+    """Indices of ``hooks`` (``(module, "input" | "output")``) sorted in the order a forward
+    pass produces them: a module's input when it is entered, its output when it is left,
+    children in registration order (nnsight must be asked for values in this order)."""
+    events: dict[tuple[int, str], int] = {}
+
+    def walk(module: torch.nn.Module) -> None:
+        events[(id(module), "input")] = len(events)
+        for child in module.children():
+            walk(child)
+        events[(id(module), "output")] = len(events)
+
+    walk(root)
+    return sorted(range(len(hooks)), key=lambda i: events[(id(hooks[i][0]), hooks[i][1])])

@@ -39,3 +39,43 @@ def real_token_mask(attention_mask: torch.Tensor, remove_bos: bool = False) -> t
     if remove_bos:
         mask = mask & (attention_mask.cumsum(dim=-1) > 1)
     return mask
+
+
+class TokenPacker:
+    """Packs documents into full windows of ``ctx_len`` tokens: no padding, no truncation.
+
+    Documents are tokenised without special tokens, each followed by the tokenizer's EOS
+    token as a separator (when it has one), concatenated, and cut into windows; the tokens
+    past the last full window wait for the next documents. Windows attend across document
+    boundaries, as in pretraining on packed data. A window's ``position_ids`` run 0..T-1.
+    """
+
+    def __init__(self, tokenizer, ctx_len: int):
+        self.tokenizer, self.ctx_len = tokenizer, ctx_len
+        self.separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self._carry: list[int] = []
+
+    def add(self, texts: list[str]) -> None:
+        for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            self._carry.extend(ids)
+            self._carry.extend(self.separator)
+
+    @property
+    def n_full_windows(self) -> int:
+        return len(self._carry) // self.ctx_len
+
+    def windows(self, n: int, final: bool = False) -> dict[str, torch.Tensor] | None:
+        """Up to ``n`` full windows as a model batch (``None`` when there are none). With
+        ``final``, the leftover tokens make one last, shorter window."""
+        n = min(n, self.n_full_windows)
+        if n == 0:
+            if not (final and self._carry):
+                return None
+            ids, self._carry = torch.tensor([self._carry]), []
+        else:
+            take = n * self.ctx_len
+            ids = torch.tensor(self._carry[:take]).view(n, self.ctx_len)
+            del self._carry[:take]
+        mask = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": mask,
+                "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}

@@ -70,6 +70,11 @@ class TrainerConfig:
     """Every this many steps, features that did not fire in the window are resampled."""
     dead_feature_tokens: int = 10_000_000
     """A feature that has not fired for this many tokens is dead (for AuxK-style losses)."""
+    submodule: str | None = None
+    """Which submodule's activations to train on, when the stream serves several."""
+    autocast_dtype: str | None = None
+    """Run the dictionary's forward and loss under autocast to this dtype (``"bfloat16"``);
+    parameters and optimizer state stay in full precision."""
     seed: int | None = 0
     """Seed for the dictionary's initialisation."""
 
@@ -86,6 +91,9 @@ class TrainerConfig:
             if value is not None and value < (0 if name in ("warmup_steps", "decay_start")
                                               else 1e-12):
                 raise ValueError(f"{name} must be positive (or None), got {value}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got "
+                             f"{self.autocast_dtype!r}")
         if self.lr <= 0 or self.sparsity_penalty < 0:
             raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
                              f"sparsity_penalty={self.sparsity_penalty}")
@@ -130,6 +138,25 @@ class Trainer:
         self.warm_start = 0        # step at which the current warm-up began
         self.n_resampled = 0
         self.activation_scale = 1.0  # activations are multiplied by this before training
+        self.autocast_dtype = (None if config.autocast_dtype is None
+                               else getattr(torch, config.autocast_dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dictionary.parameters(), torch.empty(0)).dtype
+
+    @torch.no_grad()
+    def start(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Before the first step: with ``normalize_activations``, the factor that gives the
+        first batch (a random sample of a shuffled buffer) an average norm of sqrt(d); then
+        the dictionary's data-dependent initialisation."""
+        if self.config.normalize_activations:
+            mean_norm = float(x.norm(dim=-1).mean())
+            if mean_norm <= 0:
+                raise ValueError("the first batch of activations is all zeros: cannot "
+                                 "normalise")
+            self.activation_scale = x.shape[-1] ** 0.5 / mean_norm
+        self.dictionary.init_from_data(x * self.activation_scale, target * self.activation_scale)
 
     def lr_at(self, step: int) -> float:
         cfg = self.config
@@ -156,7 +183,9 @@ class Trainer:
             group["lr"] = lr
         ctx = LossContext(penalty=cfg.penalty,
                           dead=self.tokens_since_active >= cfg.dead_feature_tokens)
-        out = ae.loss_terms(x, target, ctx)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            out = ae.loss_terms(x, target, ctx)
         loss = sum(value * (self.sparsity_coefficient(step) if name == out.sparsity else 1.0)
                    for name, value in out.terms.items())
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,13 +270,49 @@ class Trainer:
         return n_dead
 
 
-def _split(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, target)`` from a batch: a tensor (target = x) or an ``(x_in, x_out)`` pair."""
+def select_batch(batch, submodule: str | None):
+    """The part of a served batch one dictionary trains on: the whole batch, or, when the
+    stream collects several submodules (a ``{name: batch}`` dict), the named one."""
+    if not isinstance(batch, dict):
+        return batch
+    if submodule not in batch:
+        raise ValueError(f"the activation stream serves {sorted(batch)}; set "
+                         f"TrainerConfig.submodule to one of them (got {submodule!r})")
+    return batch[submodule]
+
+
+def split_batch(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, target)`` from a batch: a tensor (target = x) or an ``(x_in, x_out)`` pair,
+    on ``device`` in ``dtype``."""
     if isinstance(batch, (tuple, list)):
         x, target = batch
     else:
         x = target = batch
-    return x.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype, non_blocking=True)
+    return x, (x if target is batch else target.to(device=device, dtype=dtype,
+                                                   non_blocking=True))
+
+
+def prefetched(batches: Iterable, device: torch.device) -> Iterator:
+    """Yield batches with the next one already on its way to a CUDA ``device`` (a
+    non-blocking copy from pinned memory overlaps the current step); elsewhere as is."""
+    it = iter(batches)
+    if device.type != "cuda":
+        yield from it
+        return
+
+    def to_device(b):
+        if isinstance(b, dict):
+            return {k: to_device(v) for k, v in b.items()}
+        if isinstance(b, (tuple, list)):
+            return type(b)(to_device(v) for v in b)
+        return b.to(device, non_blocking=True)
+
+    nxt = next(it, None)
+    while nxt is not None:
+        current = to_device(nxt)
+        nxt = next(it, None)
+        yield current
 
 
 def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
@@ -257,17 +322,20 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        run_info: dict | None = None, progress: bool = True) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
-    ``activations`` yields tensors ``[B, d]`` or ``(x_in, x_out)`` pairs (an
-    ``ActivationBuffer`` does). ``steps=None`` trains until the stream ends. With
-    ``save_dir``, a single dictionary is saved in ``save_dir`` and several in
-    ``save_dir/trainer_{i}``: ``ae.pt``, ``config.json`` and, at ``save_steps`` (an
-    interval or a list of steps), ``checkpoints/ae_{step}.pt`` beside the optimizer state
-    needed to resume. ``run_info`` (lm_name, submodule_name, ...) goes into the trainer
-    section of ``config.json``; by default it is read from ``activations.config``.
-    Returns the trained dictionaries, in the order of ``configs``.
+    ``activations`` yields tensors ``[B, d]``, ``(x_in, x_out)`` pairs, or — from a buffer
+    collecting several submodules in one forward pass — ``{name: batch}`` dicts, of which
+    each config trains on ``config.submodule``. Every batch is read once and shared by all
+    dictionaries. ``steps=None`` trains until the stream ends. With ``save_dir``, a single
+    dictionary is saved in ``save_dir`` and several in ``save_dir/trainer_{i}``: ``ae.pt``,
+    ``config.json`` and, at ``save_steps`` (an interval or a list of steps),
+    ``checkpoints/ae_{step}.pt`` beside the optimizer state needed to resume. ``run_info``
+    (lm_name, submodule_name, ...) goes into the trainer section of ``config.json``; by
+    default it is read from ``activations.config``. Returns the trained dictionaries (taking
+    raw activations), in the order of ``configs``.
     """
     if not configs:
         raise ValueError("configs is empty: pass at least one TrainerConfig")
+    device = torch.device(device)
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
@@ -276,26 +344,25 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     if save_dir is not None:
         dirs = ([Path(save_dir)] if len(configs) == 1
                 else [Path(save_dir) / f"trainer_{i}" for i in range(len(configs))])
-        writers = [CheckpointWriter(d, t, buffer_config, run_info, steps) for d, t in
-                   zip(dirs, trainers)]
+        writers = [CheckpointWriter(d, t, buffer_config, {**run_info, **(
+            {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps)
+            for d, t in zip(dirs, trainers)]
     save_at = _save_schedule(save_steps)
 
-    dtype = next(trainers[0].dictionary.parameters(), torch.empty(0)).dtype
     log_every = log_steps or max(1, (steps or 1000) // 100)
     bar = tqdm(total=steps, desc="Training", unit="step", disable=not progress)
     step, n_tokens = 0, 0
-    batches: Iterator = iter(activations)
     try:
-        for batch in batches:
+        for batch in prefetched(activations, device):
             if steps is not None and step >= steps:
                 break
-            x, target = _split(batch, device, dtype)
-            if step == 0:
-                _set_activation_scales(trainers, x)
-                for t in trainers:
-                    t.dictionary.init_from_data(x * t.activation_scale,
-                                                target * t.activation_scale)
-            results = [t.step(step, x, target) for t in trainers]
+            results = []
+            for t in trainers:
+                x, target = split_batch(select_batch(batch, t.config.submodule), device,
+                                        t.dtype)
+                if step == 0:
+                    t.start(x, target)
+                results.append(t.step(step, x, target))
             n_tokens += x.shape[0]
             step += 1
             bar.update(1)
@@ -320,17 +387,6 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     for w in writers:
         w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
     return [t.raw_dictionary() for t in trainers]
-
-
-def _set_activation_scales(trainers: list[Trainer], x: torch.Tensor) -> None:
-    """For trainers that normalise activations: the factor that gives the first batch an
-    average norm of sqrt(d) (a random batch of a shuffled buffer is a fair sample)."""
-    mean_norm = float(x.norm(dim=-1).mean())
-    if mean_norm <= 0:
-        raise ValueError("the first batch of activations is all zeros: cannot normalise")
-    for t in trainers:
-        if t.config.normalize_activations:
-            t.activation_scale = x.shape[-1] ** 0.5 / mean_norm
 
 
 def _save_schedule(save_steps):

@@ -208,3 +208,61 @@ def test_misuse_raises_clear_errors(models, texts):
                            n_ctxs=2, ctx_len=16, refresh_batch_size=2, progress=False)
     with pytest.raises(TypeError, match="NoneType"):
         list(buf)
+
+
+def test_several_submodules_in_one_forward_pass(models, texts):
+    """Nested and sibling submodules, served as aligned rows of one dict per batch, each
+    equal to a plain hook's activations; one forward per model batch, stopped early."""
+    model = models["pythia"]
+    paths = ["gpt_neox.layers.1", "gpt_neox.layers.0.mlp", "gpt_neox.layers.1.mlp"]
+    data = texts[:40]
+    calls = {"embed": 0, "final_norm": 0}
+    hf = model._module
+    h1 = hf.gpt_neox.embed_in.register_forward_hook(
+        lambda *a: calls.__setitem__("embed", calls["embed"] + 1))
+    h2 = hf.gpt_neox.final_layer_norm.register_forward_hook(
+        lambda *a: calls.__setitem__("final_norm", calls["final_norm"] + 1))
+    try:
+        buffer = ActivationBuffer(data, model, paths, io="in_to_out", n_ctxs=10, ctx_len=CTX,
+                                  refresh_batch_size=8, out_batch_size=50, progress=False)
+        batches = list(buffer)
+    finally:
+        h1.remove()
+        h2.remove()
+    # One probe forward reads the widths, then 40 texts / 8 per forward; all stopped early.
+    assert calls == {"embed": 1 + 5, "final_norm": 0}
+    assert set(batches[0]) == set(paths)
+    assert buffer.d_submodule == {p: (64, 64) for p in paths}
+    key = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    served = {p: [torch.cat([b[p][i] for b in batches]) for i in range(2)] for p in paths}
+    references = {p: hooked_rows(model._module, p, "in_to_out",
+                                 padded_batches(model.tokenizer, data, size=8)) for p in paths}
+    # Rows are aligned across submodules: one ordering, from the first, sorts them all.
+    order = (served[paths[0]][0] @ key).argsort()
+    ref_order = (references[paths[0]][0] @ key).argsort()
+    for p in paths:
+        for s, r in zip(served[p], references[p]):
+            torch.testing.assert_close(s[order], r[ref_order], rtol=1e-4, atol=1e-5)
+
+
+def test_packing_fills_windows_without_padding(models, texts):
+    model = models["gpt2"]
+    tok = model.tokenizer
+    data = texts[100:140]
+    buffer = ActivationBuffer(data, model, "transformer.h.1.mlp", pack=True, n_ctxs=20,
+                              ctx_len=CTX, refresh_batch_size=6, out_batch_size=100,
+                              progress=False)
+    (served,) = drain(buffer)
+    # Independent reference: concatenate every document's ids and an EOS, cut windows.
+    stream = []
+    for t in data:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    windows = [stream[i:i + CTX] for i in range(0, len(stream), CTX)]
+    assert served.shape[0] == len(stream) == buffer.tokens_seen
+    batches = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w),
+                                                                            dtype=torch.long)}
+               for w in windows]
+    (reference,) = hooked_rows(model._module, "transformer.h.1.mlp", "out", batches)
+    key = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(served[(served @ key).argsort()],
+                               reference[(reference @ key).argsort()], rtol=1e-4, atol=1e-5)

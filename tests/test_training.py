@@ -182,3 +182,79 @@ def test_bad_configs_are_refused():
         trainSAE(iter([torch.randn(4, 9)]), 8, 16, lr=1e-3, sparsity_penalty=1e-3)
     with pytest.raises(ValueError, match="no batch"):
         trainSAE(iter([]), 8, 16, lr=1e-3, sparsity_penalty=1e-3)
+
+
+def test_learning_rate_and_sparsity_schedules():
+    cfg = TrainerConfig(8, 16, lr=1.0, warmup_steps=10, decay_start=60,
+                        sparsity_penalty=2.0, sparsity_warmup_steps=4)
+    trainer = Trainer(cfg, total_steps=100)
+    assert trainer.lr_at(0) == pytest.approx(0.1) and trainer.lr_at(9) == pytest.approx(1.0)
+    assert trainer.lr_at(59) == 1.0
+    assert trainer.lr_at(80) == pytest.approx(0.5) and trainer.lr_at(100) == 0.0
+    assert [trainer.sparsity_coefficient(s) for s in (0, 1, 3, 50)] == [0.5, 1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="decay_start needs a known number of steps"):
+        Trainer(cfg)
+
+
+def test_gradient_clipping_bounds_the_gradient_norm(monkeypatch):
+    trainer = Trainer(TrainerConfig(8, 32, grad_clip_norm=1e-3, warmup_steps=1))
+    norms = []
+    original = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads = [p.grad for p in trainer.dictionary.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", spy)
+    for step in range(3):
+        x = 100 * torch.randn(64, 8)
+        trainer.step(step, x, x)
+    assert max(norms) <= 1e-3 * (1 + 1e-4)
+
+
+def test_normalised_training_saves_a_dictionary_for_raw_activations(tmp_path):
+    X, _ = planted_dictionary_data(d=16, m=32, n=20_000, seed=6)
+    X = 50.0 * X + 3.0  # far from unit scale
+    cfg = TrainerConfig(16, 64, lr=1e-2, sparsity_penalty=0.05, warmup_steps=10,
+                        normalize_activations=True)
+    trainer_dicts = train_dictionaries(batches(X, 500), [cfg], save_dir=tmp_path,
+                                       progress=False)
+    saved, config = load_dictionary(tmp_path)
+    scale = config["run"]["activation_scale"]
+    assert scale == pytest.approx(16 ** 0.5 / float(X[:500].norm(dim=-1).mean()), rel=1e-5)
+    # The saved dictionary on raw x equals the trained one on scaled x, scaled back.
+    trainer = Trainer(cfg)
+    trainer.dictionary.load_state_dict(saved.state_dict())
+    trainer.dictionary.scale_biases(scale)  # back to the space it was trained in
+    x = X[:100]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), trainer.dictionary(x * scale) / scale,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(trainer_dicts[0](x), saved(x))
+        fve = 1 - (saved(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert fve > 0.8
+
+
+def test_dictionaries_on_several_submodules_from_one_stream(tmp_path, models, texts):
+    model = models["pythia"]
+    paths = ["gpt_neox.layers.0.mlp", "gpt_neox.layers.1.mlp"]
+    buffer = ActivationBuffer(texts, model, paths, n_ctxs=20, ctx_len=32, out_batch_size=64,
+                              refresh_batch_size=16, progress=False)
+    configs = [TrainerConfig(64, 128, submodule=p, warmup_steps=2) for p in paths]
+    dicts = train_dictionaries(buffer, configs, steps=6, save_dir=tmp_path, progress=False)
+    for i, p in enumerate(paths):
+        _, config = load_dictionary(tmp_path / f"trainer_{i}")
+        assert config["trainer"]["submodule_name"] == p and config["trainer"]["layer"] == i
+    assert not torch.equal(dicts[0].encoder.weight, dicts[1].encoder.weight)
+    with pytest.raises(ValueError, match="set TrainerConfig.submodule"):
+        train_dictionaries(buffer, [TrainerConfig(64, 128)], steps=1, progress=False)
+
+
+def test_bf16_autocast_trains():
+    X, _ = planted_dictionary_data(d=16, m=32, n=10_000, seed=7)
+    trainer = Trainer(TrainerConfig(16, 64, lr=1e-2, sparsity_penalty=0.1, warmup_steps=5,
+                                    autocast_dtype="bfloat16"))
+    losses = [float(trainer.step(i, x, x).loss) for i, x in enumerate(batches(X, 250))]
+    assert trainer.dictionary.encoder.weight.dtype == torch.float32
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
