@@ -135,23 +135,27 @@ def buffer_run(model, path: str, texts: list[str], w: Workload, **kwargs) -> tup
 
 
 def bench_buffer(model, texts: list[str], w: Workload) -> dict:
+    """Limit, buffer and packed buffer, alternating, ``w.repeats`` times each."""
     path = f"gpt_neox.layers.{w.layer}.mlp"
-    runs = {"limit": [], "buffer": []}
+    contenders = {"limit": plain_hook_limit, "buffer": buffer_run,
+                  "packed": lambda *a: buffer_run(*a, pack=True)}
+    runs = {name: [] for name in contenders}
     tokens = {}
-    for _ in range(w.repeats):  # alternate, so drift on a shared machine hits both alike
-        for name, fn in (("limit", plain_hook_limit), ("buffer", buffer_run)):
+    for _ in range(w.repeats):  # alternate, so drift on a shared machine hits all alike
+        for name, fn in contenders.items():
             seconds, n = fn(model, path, texts, w)
             runs[name].append(seconds)
             tokens[name] = n
-    limit_tps = tokens["limit"] / _median(runs["limit"])
-    buffer_tps = tokens["buffer"] / _median(runs["buffer"])
+    tps = {name: tokens[name] / _median(runs[name]) for name in contenders}
     return {
-        "real_tokens": tokens["buffer"],
-        "limit_tokens_per_s": limit_tps,
-        "buffer_tokens_per_s": buffer_tps,
-        "buffer_vs_limit": buffer_tps / limit_tps,
-        "limit_s": runs["limit"],
-        "buffer_s": runs["buffer"],
+        "real_tokens_padded": tokens["buffer"],
+        "real_tokens_packed": tokens["packed"],
+        "limit_tokens_per_s": tps["limit"],
+        "buffer_tokens_per_s": tps["buffer"],
+        "packed_tokens_per_s": tps["packed"],
+        "buffer_vs_limit": tps["buffer"] / tps["limit"],
+        "packed_vs_limit": tps["packed"] / tps["limit"],
+        "seconds": runs,
     }
 
 
@@ -255,17 +259,140 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def end_to_end(model, texts, w: Workload, steps: int, configs=None) -> dict:
-    path = f"gpt_neox.layers.{w.layer}.mlp"
-    configs = configs or [TrainerConfig(w.d_model, w.dict_size, warmup_steps=1)]
-    buffer = ActivationBuffer(iter(texts), model, path, ctx_len=w.ctx_len,
-                              refresh_batch_size=w.refresh_batch_size,
+def _stream(model, texts, w: Workload, paths, n_batches: int):
+    """A packed buffer over ``texts`` (cycled), sized for ``n_batches`` training batches."""
+    buffer = ActivationBuffer(_cycle(texts), model, paths, ctx_len=w.ctx_len,
+                              refresh_batch_size=w.refresh_batch_size, pack=True,
                               n_ctxs=max(1, 2 * w.train_batch // w.ctx_len),
                               out_batch_size=w.train_batch, device=w.device, progress=False)
+    return islice(buffer, n_batches), buffer
+
+
+def _cycle(texts):
+    while True:
+        yield from texts
+
+
+def collection_seconds(model, texts, w: Workload, paths, n_batches: int) -> float:
+    """Time to collect and serve ``n_batches`` training batches, training nothing."""
+    start = time.perf_counter()
+    batches, _ = _stream(model, texts, w, paths, n_batches)
+    for _ in batches:
+        pass
+    _sync(w.device)
+    return time.perf_counter() - start
+
+
+def end_to_end(model, texts, w: Workload, steps: int, configs=None, paths=None) -> dict:
+    """Buffer + training for ``steps`` steps: wall time, tokens/s, peak resident memory."""
+    paths = paths or f"gpt_neox.layers.{w.layer}.mlp"
+    configs = configs or [TrainerConfig(w.d_model, w.dict_size, warmup_steps=1)]
+    batches, _ = _stream(model, texts, w, paths, steps)
     with PeakRSS() as rss:
         start = time.perf_counter()
-        train_dictionaries(buffer, configs, steps=steps, device=w.device, progress=False)
+        train_dictionaries(batches, configs, steps=steps, device=w.device, progress=False)
         _sync(w.device)
         seconds = time.perf_counter() - start
     return {"steps": steps, "seconds": seconds, "tokens_per_s": steps * w.train_batch / seconds,
             "peak_rss_mb": rss.peak / 2**20}
+
+
+def bench_end_to_end(model, texts, w: Workload) -> dict:
+    """One dictionary, N and then 2N steps: throughput, and whether peak memory grows."""
+    n = w.train_steps
+    short = end_to_end(model, texts, w, n)
+    long = end_to_end(model, texts, w, 2 * n)
+    return {"tokens_per_s": long["tokens_per_s"], "steps": [n, 2 * n],
+            "peak_rss_mb": [short["peak_rss_mb"], long["peak_rss_mb"]],
+            "rss_growth_mb": long["peak_rss_mb"] - short["peak_rss_mb"]}
+
+
+def bench_sweeps(model, texts, w: Workload, n_dicts: int = 4) -> dict:
+    """(a) ``n_dicts`` sparsity penalties from one stream against one collection plus
+    ``n_dicts`` single steps per batch; (b) one dictionary per layer from one forward pass
+    against one buffer per layer."""
+    n = w.train_steps
+    path = f"gpt_neox.layers.{w.layer}.mlp"
+    penalties = [10.0 ** (-3 + i / 2) for i in range(n_dicts)]
+    configs = [TrainerConfig(w.d_model, w.dict_size, sparsity_penalty=p, warmup_steps=1)
+               for p in penalties]
+    step_s = step_seconds(configs[0], w.train_batch, w.device, n)
+    collect_s = collection_seconds(model, texts, w, path, n)
+    sweep_s = end_to_end(model, texts, w, n, configs=configs)["seconds"]
+    parts_s = collect_s + n_dicts * n * step_s
+
+    layers = [f"gpt_neox.layers.{i}.mlp" for i in range(w.n_layers)]
+    one_pass_s = collection_seconds(model, texts, w, layers, n)
+    per_layer_s = [collection_seconds(model, texts, w, p, n) for p in layers]
+    layer_configs = [TrainerConfig(w.d_model, w.dict_size, submodule=p, warmup_steps=1)
+                     for p in layers]
+    all_layers_s = end_to_end(model, texts, w, n, configs=layer_configs, paths=layers)["seconds"]
+    return {
+        "n_dicts": n_dicts,
+        "sweep_s": sweep_s,
+        "one_collection_plus_n_steps_s": parts_s,
+        "sweep_vs_parts": sweep_s / parts_s,
+        "layers": len(layers),
+        "collect_all_layers_one_pass_s": one_pass_s,
+        "collect_one_buffer_per_layer_s": sum(per_layer_s),
+        "collect_deepest_layer_alone_s": per_layer_s[-1],
+        "train_all_layers_s": all_layers_s,
+        "train_all_layers_vs_parts": all_layers_s / (one_pass_s + len(layers) * n * step_s),
+    }
+
+
+def run_all(w: Workload, sections=("buffer", "train_step", "end_to_end", "sweeps")) -> dict:
+    """Every measurement on the workload, in one process."""
+    results = {"workload": asdict(w), "torch_threads": torch.get_num_threads()}
+    logger.info("building the model")
+    model = build_model(w)
+    texts = list(islice(stdlib_texts(), w.n_texts))
+    if "buffer" in sections:
+        logger.info("buffer throughput")
+        results["buffer"] = bench_buffer(model, texts, w)
+    if "train_step" in sections:
+        logger.info("training step")
+        results["train_step"] = bench_train_step(w)
+    if "end_to_end" in sections:
+        logger.info("end to end")
+        results["end_to_end"] = bench_end_to_end(model, texts, w)
+    if "sweeps" in sections:
+        logger.info("sweeps")
+        results["sweeps"] = bench_sweeps(model, texts, w)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The headline figures of :func:`run_all`, one line each."""
+    rows = []
+    if "buffer" in results:
+        b = results["buffer"]
+        rows += [("buffer real tokens/s (padded)", f"{b['buffer_tokens_per_s']:.0f}"),
+                 ("plain-hook limit real tokens/s", f"{b['limit_tokens_per_s']:.0f}"),
+                 ("buffer / limit", f"{b['buffer_vs_limit']:.3f}  (target >= 0.95)"),
+                 ("packed buffer real tokens/s", f"{b['packed_tokens_per_s']:.0f}"),
+                 ("packed / padded limit", f"{b['packed_vs_limit']:.3f}  (target >= 1)")]
+    if "train_step" in results:
+        t = results["train_step"]
+        rows += [(f"train step ({t['shape']})", f"{t['step_s']:.3f} s, "
+                  f"{t['step_tokens_per_s']:.0f} tokens/s, {t['step_gflops']:.1f} GFLOP/s"),
+                 ("matmul rate, same products", f"{t['matmul_gflops']:.1f} GFLOP/s"),
+                 ("step / matmul", f"{t['step_vs_matmul']:.3f}  (target >= 0.8 CPU, 0.9 GPU)")]
+    if "end_to_end" in results:
+        e = results["end_to_end"]
+        rows += [("end to end tokens/s", f"{e['tokens_per_s']:.0f}"),
+                 (f"peak RSS at {e['steps'][0]} / {e['steps'][1]} steps",
+                  f"{e['peak_rss_mb'][0]:.0f} / {e['peak_rss_mb'][1]:.0f} MB "
+                  f"(growth {e['rss_growth_mb']:+.0f} MB)")]
+    if "sweeps" in results:
+        s = results["sweeps"]
+        rows += [(f"sweep of {s['n_dicts']} dictionaries", f"{s['sweep_s']:.1f} s vs "
+                  f"{s['one_collection_plus_n_steps_s']:.1f} s for one collection + "
+                  f"{s['n_dicts']} steps/batch = {s['sweep_vs_parts']:.3f}  (target <= 1.1)"),
+                 (f"collect {s['layers']} layers", f"one pass {s['collect_all_layers_one_pass_s']:.1f}"
+                  f" s vs one buffer per layer {s['collect_one_buffer_per_layer_s']:.1f} s "
+                  f"(deepest layer alone {s['collect_deepest_layer_alone_s']:.1f} s)"),
+                 (f"train {s['layers']} layers", f"{s['train_all_layers_s']:.1f} s = "
+                  f"{s['train_all_layers_vs_parts']:.3f} x (one pass + steps)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,48 @@
+"""Measure the toolkit against its limits, in one run: buffer vs a plain forward hook,
+training step vs the matmul rate, end to end with peak memory, and sweeps.
+
+    python scripts/benchmark.py                   # Pythia-70m-shaped random model, CPU
+    python scripts/benchmark.py --quick           # small sizes, a smoke test
+    python scripts/benchmark.py --device cuda --dtype bfloat16 --json out.json
+
+Prints a table and writes the full results as JSON (medians over alternating repeats).
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+from dictionary_learning.benchmark import Workload, format_table, run_all  # noqa: E402
+
+QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256, vocab_size=8192, dict_size=512,
+             train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(Workload):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(field.default), default=None,
+                            help=f"default: {field.default}")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--sections", default="buffer,train_step,end_to_end,sweeps")
+    parser.add_argument("--json", default="benchmark.json", help="where to write results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    values = dict(QUICK) if args.quick else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)
+                   if getattr(args, f.name) is not None})
+    results = run_all(Workload(**values), sections=tuple(args.sections.split(",")))
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    print(f"\nfull results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
