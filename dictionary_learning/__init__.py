@@ -6,15 +6,23 @@ activations of HuggingFace language models, read and patched with nnsight.
 
 from .buffer import ActivationBuffer
 from .evaluation import evaluate, feature_frequency_histogram, loss_recovered, reconstruction_metrics
-from .dictionary import AutoEncoder, Dictionary, IdentityDict, MLPStretcher
+from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary,
+                         GatedAutoEncoder, IdentityDict, JumpReluAutoEncoder,
+                         MatryoshkaBatchTopKSAE, MLPStretcher)
 from .loading import load_dictionary
 from .training import Trainer, TrainerConfig, trainSAE, train_dictionaries
 
 __all__ = [
     "ActivationBuffer",
     "AutoEncoder",
+    "AutoEncoderNew",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
     "Dictionary",
+    "GatedAutoEncoder",
     "IdentityDict",
+    "JumpReluAutoEncoder",
+    "MatryoshkaBatchTopKSAE",
     "MLPStretcher",
     "Trainer",
     "TrainerConfig",

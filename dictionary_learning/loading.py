@@ -61,17 +61,39 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+# The published key set of each class, for files without a config.json. TopK and
+# BatchTopK files have the same keys: without a config they load as AutoEncoderTopK (per-token
+# top-k, which a BatchTopK dictionary was trained to approximate), with a logged warning.
+_CLASS_BY_KEYS = {
+    frozenset({"bias", "encoder.weight", "encoder.bias", "decoder.weight"}): "AutoEncoder",
+    frozenset({"in_bias", "out_bias", "encoder.weight", "encoder.bias", "decoder.weight"}):
+        "MLPStretcher",
+    frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}):
+        "AutoEncoderTopK",
+    frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"}):
+        "MatryoshkaBatchTopKSAE",
+    frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}): "JumpReluAutoEncoder",
+    frozenset({"decoder_bias", "encoder.weight", "r_mag", "gate_bias", "mag_bias",
+               "decoder.weight"}): "GatedAutoEncoder",
+    frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}):
+        "AutoEncoderNew",
+}
+
+
 def _class_name(config: dict, state_dict: dict) -> str:
     """The class named by the config (nested ``trainer.dict_class`` or flat ``dict_class``),
     else the one whose published keys the state_dict has."""
     trainer = config.get("trainer", config)
     if "dict_class" in trainer:
         return trainer["dict_class"]
-    keys = set(state_dict)
-    if keys == {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}:
-        return "AutoEncoder"
-    if keys == {"in_bias", "out_bias", "encoder.weight", "encoder.bias", "decoder.weight"}:
-        return "MLPStretcher"
+    keys = frozenset(state_dict)
+    if keys in _CLASS_BY_KEYS:
+        name = _CLASS_BY_KEYS[keys]
+        if name == "AutoEncoderTopK":
+            logger.warning("no config.json names the class of these TopK-layout weights: "
+                           "loading as AutoEncoderTopK (a BatchTopKSAE has the same keys; add "
+                           "a config.json with trainer.dict_class to choose)")
+        return name
     raise ValueError(f"cannot tell which dictionary class has keys {sorted(keys)}; "
                      "add a config.json naming trainer.dict_class")
 

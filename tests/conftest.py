@@ -43,3 +43,14 @@ def planted_dictionary_data(d: int = 32, m: int = 64, n: int = 100_000, k: int =
     f = torch.zeros(n, m)
     f.scatter_(1, idx, torch.rand(n, k, generator=g) + 0.5)
     return f @ D, D
+
+
+def dictionary_kwargs(name: str, dict_size: int) -> dict:
+    """Constructor arguments beyond ``(activation_dim, dict_size)`` that a registered class
+    needs, for building small test dictionaries of any class."""
+    if name in ("AutoEncoderTopK", "BatchTopKSAE"):
+        return {"k": 4}
+    if name == "MatryoshkaBatchTopKSAE":
+        quarter = dict_size // 4
+        return {"k": 4, "group_sizes": [quarter, quarter, dict_size - 2 * quarter]}
+    return {}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import dictionary_kwargs
 
 from dictionary_learning.dictionary import AutoEncoder, IdentityDict, MLPStretcher
 from dictionary_learning.loading import load_dictionary
@@ -97,7 +98,7 @@ def test_encode_rejects_wrong_width():
 def test_save_load_roundtrip_every_registered_class(tmp_path, name):
     cls = DICTIONARY_CLASSES[name]
     torch.manual_seed(1)
-    ae = cls(D, D if name == "IdentityDict" else M)
+    ae = cls(D, D if name == "IdentityDict" else M, **dictionary_kwargs(name, M))
     torch.save(ae.state_dict(), tmp_path / "ae.pt")
     (tmp_path / "config.json").write_text(json.dumps(
         {"trainer": {"dict_class": name, **ae.config()}, "buffer": {}}))

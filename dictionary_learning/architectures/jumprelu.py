@@ -1,0 +1,141 @@
+"""The JumpReLU autoencoder (Rajamanoharan et al. 2024; upstream's ``JumpReluAutoEncoder``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width, reconstruction_loss
+from ..registry import register
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * (pre > threshold)``; straight-through: d/dpre = [pre > threshold],
+    d/dthreshold = -(threshold / bandwidth) * rect((pre - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = (pre > threshold).to(grad.dtype) * grad
+        kernel = _rectangle((pre - threshold) / ctx.bandwidth)
+        grad_threshold = -(threshold / ctx.bandwidth) * kernel * grad
+        return grad_pre, grad_threshold.sum_to_size(threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    """``[pre > threshold]``; straight-through: d/dpre = 0,
+    d/dthreshold = -(1 / bandwidth) * rect((pre - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        kernel = _rectangle((pre - threshold) / ctx.bandwidth)
+        grad_threshold = -(1.0 / ctx.bandwidth) * kernel * grad
+        return None, grad_threshold.sum_to_size(threshold.shape), None
+
+
+@register
+class JumpReluAutoEncoder(Dictionary):
+    """A ReLU that only lets a latent through above its own trainable threshold.
+
+    ``pre = x @ W_enc + b_enc`` (``b_dec`` is NOT subtracted), ``f = relu(pre * (pre >
+    threshold))``, ``x_hat = f @ W_dec + b_dec``.
+    Stored (published layout): ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]`` (unit
+    rows), ``b_dec [d]``, ``threshold [m]`` (a parameter, initialised to 0.001 as upstream).
+    Note: attribute access ``self.W_enc`` is the accessor layout ``[m, d]`` of ``base.py``;
+    the stored parameter (``state_dict()["W_enc"]``) is ``[d, m]``.
+
+    Training: straight-through estimators with a rectangle kernel of width ``bandwidth``
+    give the threshold its gradient. Loss terms: ``mse`` and ``l0_deviation = (L0 / target_l0 -
+    1)^2`` with ``L0`` the mean number of pre-activations above threshold per token (as
+    upstream's trainer; the loop multiplies it by ``sparsity_penalty``, for which upstream
+    uses 1.0). Unlike upstream, which feeds the jumped features to the step function, the
+    L0 estimator uses the pre-activations, as in the paper. The sparsity term is named
+    ``l0_deviation`` (the measured L0 is logged as ``l0``).
+    """
+
+    _feature_axis = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
+    _roles = {"W_dec": "W_dec", "W_enc": "W_enc", "b_enc": "b_enc"}
+
+    def __init__(self, activation_dim: int, dict_size: int, target_l0: float = 20.0,
+                 bandwidth: float = 0.001, init_threshold: float = 0.001):
+        super().__init__()
+        if target_l0 <= 0 or bandwidth <= 0:
+            raise ValueError(f"target_l0 and bandwidth must be positive, got {target_l0}, "
+                             f"{bandwidth}")
+        self.activation_dim = self.output_dim = activation_dim
+        self.dict_size = dict_size
+        self.target_l0, self.bandwidth = float(target_l0), float(bandwidth)
+        self.init_threshold = float(init_threshold)
+        w = torch.randn(dict_size, activation_dim)
+        w /= w.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(w.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.W_dec = nn.Parameter(w)
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        self.threshold = nn.Parameter(torch.full((dict_size,), self.init_threshold))
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        check_width(x, self.activation_dim, "JumpReluAutoEncoder.encode")
+        return nn.functional.linear(x, self.W_enc, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        return torch.relu(pre * (pre > self.threshold))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        check_width(f, self.dict_size, "JumpReluAutoEncoder.decode")
+        return f @ self.W_dec + self.b_dec
+
+    def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                   ctx: LossContext = LossContext()) -> LossOutput:
+        target = x if target is None else target
+        pre = self.pre_activations(x)
+        f = torch.relu(_JumpReLU.apply(pre, self.threshold, self.bandwidth))
+        l0 = _Step.apply(pre, self.threshold, self.bandwidth).sum(dim=-1).mean()
+        terms = {"mse": reconstruction_loss(self.decode(f), target),
+                 "l0_deviation": (l0 / self.target_l0 - 1).pow(2)}
+        return LossOutput(terms, f, sparsity="l0_deviation")
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit decoder rows with unchanged outputs: the threshold scales with each feature."""
+        norms = self.W_dec.norm(dim=-1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        super().normalize_decoder()
+        self.threshold.mul_(norms)
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Multiply both biases and the thresholds by ``scale``."""
+        self.b_enc.mul_(scale)
+        self.b_dec.mul_(scale)
+        self.threshold.mul_(scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "target_l0": self.target_l0, "bandwidth": self.bandwidth,
+                "init_threshold": self.init_threshold}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **kwargs) -> "JumpReluAutoEncoder":
+        check_keys(cls, state_dict, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"})
+        activation_dim, dict_size = state_dict["W_enc"].shape
+        ae = cls(activation_dim, dict_size)
+        ae.load_state_dict(state_dict)
+        return ae

@@ -1,0 +1,122 @@
+"""The TopK autoencoder (Gao et al. 2024; saprmarks/dictionary_learning's ``AutoEncoderTopK``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width, reconstruction_loss
+from ..geometry import geometric_median
+from ..registry import register
+from ..sparse import auxk_loss, encode_sparse, sparse_decode, topk_code
+
+TOPK_KEYS = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}
+
+
+def check_k(k, dict_size: int) -> int:
+    """``k`` as an int, or a ``ValueError`` unless ``0 < k <= dict_size``."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= dict_size:
+        raise ValueError(f"k must be an integer in [1, dict_size={dict_size}], got {k!r}")
+    return int(k)
+
+
+@register
+class AutoEncoderTopK(Dictionary):
+    """Keeps each token's ``k`` largest latents (ReLU before top-k).
+
+    ``post = relu(encoder(x - b_dec))``, ``f`` = the ``k`` largest entries of ``post`` per
+    token, ``x_hat = decoder(f) + b_dec``.
+    Stored: ``encoder.weight [m, d]``, ``encoder.bias [m]``, ``decoder.weight [d, m]``
+    (column ``i`` is feature ``i``, unit norm), ``b_dec [d]``, buffers ``k`` (scalar int)
+    and ``threshold`` (scalar, kept for the published layout; never estimated or used).
+
+    Training loss: ``mse`` plus ``auxk = auxk_alpha * AuxK`` (see ``sparse.auxk_loss``:
+    the residual reconstructed from the top ``k_aux`` dead latents, ``k_aux = d // 2`` by
+    default, normalised by the residual's variance). No sparsity penalty (``sparsity=None``).
+    ``b_dec`` starts at the geometric median of the first batch. The training forward is
+    sparse (``sparse.py``): only the encoder's forward product is dense.
+    """
+
+    _feature_axis = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
+    _roles = {"W_dec": "decoder.weight", "W_enc": "encoder.weight", "b_enc": "encoder.bias"}
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, auxk_alpha: float = 1 / 32,
+                 k_aux: int | None = None):
+        super().__init__()
+        self.activation_dim = self.output_dim = activation_dim
+        self.dict_size = dict_size
+        self.auxk_alpha = float(auxk_alpha)
+        self.k_aux = activation_dim // 2 if k_aux is None else int(k_aux)
+        self.register_buffer("k", torch.tensor(check_k(k, dict_size), dtype=torch.int))
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
+        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        # Random unit-norm decoder directions; encoder starts as their transpose.
+        with torch.no_grad():
+            w = torch.randn(dict_size, activation_dim)
+            w /= w.norm(dim=-1, keepdim=True)
+            self.decoder.weight.copy_(w.T)
+            self.encoder.weight.copy_(w)
+            self.encoder.bias.zero_()
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(encoder(x - b_dec))``, before any top-k."""
+        check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
+        return torch.relu(self.encoder(x - self.b_dec))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        post = self.pre_activations(x)
+        top = post.topk(int(self.k), dim=-1, sorted=False)
+        return torch.zeros_like(post).scatter_(-1, top.indices, top.values)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        check_width(f, self.dict_size, f"{type(self).__name__}.decode")
+        return self.decoder(f) + self.b_dec
+
+    def select(self, pre: torch.Tensor):
+        """Training-time selection of active latents from ``pre [B, m]``."""
+        return topk_code(pre, int(self.k))
+
+    def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                   ctx: LossContext = LossContext()) -> LossOutput:
+        check_width(x, self.activation_dim, f"{type(self).__name__}.loss_terms")
+        if x.ndim != 2:
+            raise ValueError(f"loss_terms expects a batch [B, d], got shape {tuple(x.shape)}")
+        target = x if target is None else target
+        x_c = x - self.b_dec
+        pre, code, vals = encode_sparse(x_c, self.W_enc, self.b_enc, self.select)
+        x_hat = sparse_decode(code, vals, self.W_dec) + self.b_dec
+        aux = auxk_loss(target - x_hat, x_c, self.W_enc, self.b_enc, self.W_dec, pre, ctx.dead,
+                        self.k_aux)
+        terms = {"mse": reconstruction_loss(x_hat, target), "auxk": self.auxk_alpha * aux}
+        return LossOutput(terms, code.to_dense(vals.detach()), sparsity=None)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """``b_dec`` := the geometric median of the first batch."""
+        self.b_dec.copy_(geometric_median(x))
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Multiply every bias (and an estimated threshold) by ``scale``; ``k`` is unchanged."""
+        self.encoder.bias.mul_(scale)
+        self.b_dec.mul_(scale)
+        if self.threshold >= 0:
+            self.threshold.mul_(scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "k": int(self.k), "auxk_alpha": self.auxk_alpha,
+                "k_aux": self.k_aux}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, k: int | None = None, **kwargs):
+        """Widths and ``k`` come from the tensors; a given ``k`` must agree with the file."""
+        check_keys(cls, state_dict, TOPK_KEYS)
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        stored_k = int(state_dict["k"])
+        if k is not None and k != stored_k:
+            raise ValueError(f"k={k} was given but the state_dict has k={stored_k}")
+        ae = cls(activation_dim, dict_size, stored_k)
+        ae.load_state_dict(state_dict)
+        return ae
