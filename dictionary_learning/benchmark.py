@@ -7,6 +7,7 @@
   dictionary) against the measured rate of the same five matrix products alone.
 - end to end: buffer + training tokens/s, and peak resident memory sampled during runs of
   N and 2N steps (it must not grow with the number of steps).
+- TopK step: the sparse TopK training step against the dense ReLU step.
 - sweeps: 4 dictionaries from one stream against one collection + 4 single steps; one
   forward pass for dictionaries on every layer against one buffer per layer.
 
@@ -227,6 +228,21 @@ def bench_train_step(w: Workload) -> dict:
     }
 
 
+def bench_topk_step(w: Workload, k: int = 32) -> dict:
+    """A TopK training step (sparse decode and sparse gradients) against the dense ReLU
+    ``AutoEncoder`` step on the same shapes, alternating."""
+    d, m, b = w.d_model, w.dict_size, w.train_batch
+    relu = TrainerConfig(d, m, warmup_steps=1)
+    topk = TrainerConfig(d, m, warmup_steps=1, dict_class="AutoEncoderTopK",
+                         dict_kwargs={"k": k})
+    relu_t, topk_t = [], []
+    for _ in range(w.repeats):
+        relu_t.append(step_seconds(relu, b, w.device, w.train_steps))
+        topk_t.append(step_seconds(topk, b, w.device, w.train_steps))
+    return {"k": k, "relu_step_s": _median(relu_t), "topk_step_s": _median(topk_t),
+            "topk_speedup": _median(relu_t) / _median(topk_t)}
+
+
 # -- end to end and memory --------------------------------------------------------------------
 
 
@@ -341,7 +357,10 @@ def bench_sweeps(model, texts, w: Workload, n_dicts: int = 4) -> dict:
     }
 
 
-def run_all(w: Workload, sections=("buffer", "train_step", "end_to_end", "sweeps")) -> dict:
+SECTIONS = ("buffer", "train_step", "topk_step", "end_to_end", "sweeps")
+
+
+def run_all(w: Workload, sections=SECTIONS) -> dict:
     """Every measurement on the workload, in one process."""
     results = {"workload": asdict(w), "torch_threads": torch.get_num_threads()}
     logger.info("building the model")
@@ -353,6 +372,9 @@ def run_all(w: Workload, sections=("buffer", "train_step", "end_to_end", "sweeps
     if "train_step" in sections:
         logger.info("training step")
         results["train_step"] = bench_train_step(w)
+    if "topk_step" in sections:
+        logger.info("TopK step vs dense ReLU step")
+        results["topk_step"] = bench_topk_step(w)
     if "end_to_end" in sections:
         logger.info("end to end")
         results["end_to_end"] = bench_end_to_end(model, texts, w)
@@ -378,6 +400,10 @@ def format_table(results: dict) -> str:
                   f"{t['step_tokens_per_s']:.0f} tokens/s, {t['step_gflops']:.1f} GFLOP/s"),
                  ("matmul rate, same products", f"{t['matmul_gflops']:.1f} GFLOP/s"),
                  ("step / matmul", f"{t['step_vs_matmul']:.3f}  (target >= 0.8 CPU, 0.9 GPU)")]
+    if "topk_step" in results:
+        t = results["topk_step"]
+        rows += [(f"TopK (k={t['k']}) step vs ReLU step", f"{t['topk_step_s']:.3f} s vs "
+                  f"{t['relu_step_s']:.3f} s = {t['topk_speedup']:.2f}x faster  (target >= 2)")]
     if "end_to_end" in results:
         e = results["end_to_end"]
         rows += [("end to end tokens/s", f"{e['tokens_per_s']:.0f}"),

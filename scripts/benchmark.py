@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from dictionary_learning.benchmark import Workload, format_table, run_all  # noqa: E402
+from dictionary_learning.benchmark import SECTIONS, Workload, format_table, run_all  # noqa: E402
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256, vocab_size=8192, dict_size=512,
              train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2)
@@ -30,7 +30,8 @@ def main() -> int:
         parser.add_argument(flag, type=type(field.default), default=None,
                             help=f"default: {field.default}")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--sections", default="buffer,train_step,end_to_end,sweeps")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of: %(default)s")
     parser.add_argument("--json", default="benchmark.json", help="where to write results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -17,7 +17,8 @@ def test_benchmark_script_quick_run_reports_every_ratio(tmp_path):
     results = json.loads(out.read_text())
     assert results["workload"]["d_model"] == 64
     for section, key in [("buffer", "buffer_vs_limit"), ("buffer", "packed_vs_limit"),
-                         ("train_step", "step_vs_matmul"), ("end_to_end", "rss_growth_mb"),
+                         ("train_step", "step_vs_matmul"), ("topk_step", "topk_speedup"),
+                         ("end_to_end", "rss_growth_mb"),
                          ("sweeps", "sweep_vs_parts"), ("sweeps", "train_all_layers_vs_parts")]:
         assert isinstance(results[section][key], float) and results[section][key] == \
             results[section][key]  # a number, not NaN
