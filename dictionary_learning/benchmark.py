@@ -122,11 +122,12 @@ def plain_hook_limit(model, path: str, texts: list[str], w: Workload) -> tuple[f
 
 
 def buffer_run(model, path: str, texts: list[str], w: Workload, **kwargs) -> tuple[float, int]:
-    """Seconds and real tokens served by an ActivationBuffer draining ``texts``."""
+    """Seconds and real tokens served by an ActivationBuffer draining ``texts`` (built,
+    filled once, and served in training batches)."""
     start = time.perf_counter()
-    buffer = ActivationBuffer(texts, model, path, ctx_len=w.ctx_len,
+    buffer = ActivationBuffer(texts, model, path, d_submodule=w.d_model, ctx_len=w.ctx_len,
                               refresh_batch_size=w.refresh_batch_size,
-                              n_ctxs=max(1, len(texts)), out_batch_size=w.train_batch,
+                              n_ctxs=4 * max(1, len(texts)), out_batch_size=w.train_batch,
                               device=w.device, progress=False, **kwargs)
     n = 0
     for batch in buffer:
@@ -136,18 +137,36 @@ def buffer_run(model, path: str, texts: list[str], w: Workload, **kwargs) -> tup
 
 
 def bench_buffer(model, texts: list[str], w: Workload) -> dict:
-    """Limit, buffer and packed buffer, alternating, ``w.repeats`` times each."""
+    """The plain-hook limit, the buffer and the packed buffer on the same texts.
+
+    This machine's speed drifts by tens of percent within minutes, so the contenders are
+    interleaved finely: the texts are cut into chunks of ``4 * refresh_batch_size``, and on
+    each chunk the three run back to back, in an order that rotates from chunk to chunk.
+    A repeat sums each contender's time over all chunks; the reported figures are medians
+    over ``w.repeats`` repeats.
+    """
     path = f"gpt_neox.layers.{w.layer}.mlp"
     contenders = {"limit": plain_hook_limit, "buffer": buffer_run,
                   "packed": lambda *a: buffer_run(*a, pack=True)}
-    runs = {name: [] for name in contenders}
-    tokens = {}
-    for _ in range(w.repeats):  # alternate, so drift on a shared machine hits all alike
-        for name, fn in contenders.items():
-            seconds, n = fn(model, path, texts, w)
-            runs[name].append(seconds)
-            tokens[name] = n
-    tps = {name: tokens[name] / _median(runs[name]) for name in contenders}
+    names = list(contenders)
+    chunk = 4 * w.refresh_batch_size
+    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+    buffer_run(model, path, chunks[0], w)  # warm-up: first-call costs hit no contender
+    totals = {name: [] for name in names}
+    tokens = dict.fromkeys(names, 0)
+    for r in range(w.repeats):
+        seconds = dict.fromkeys(names, 0.0)
+        for c, part in enumerate(chunks):
+            shift = (r + c) % len(names)
+            for name in names[shift:] + names[:shift]:
+                t, n = contenders[name](model, path, part, w)
+                seconds[name] += t
+                if r == 0:
+                    tokens[name] += n
+        for name in names:
+            totals[name].append(seconds[name])
+    tps = {name: tokens[name] / _median(totals[name]) for name in names}
+    per_repeat = [b / lim for b, lim in zip(totals["buffer"], totals["limit"])]
     return {
         "real_tokens_padded": tokens["buffer"],
         "real_tokens_packed": tokens["packed"],
@@ -155,8 +174,9 @@ def bench_buffer(model, texts: list[str], w: Workload) -> dict:
         "buffer_tokens_per_s": tps["buffer"],
         "packed_tokens_per_s": tps["packed"],
         "buffer_vs_limit": tps["buffer"] / tps["limit"],
+        "buffer_vs_limit_per_repeat": [1 / x for x in per_repeat],
         "packed_vs_limit": tps["packed"] / tps["limit"],
-        "seconds": runs,
+        "seconds": totals,
     }
 
 
@@ -300,34 +320,43 @@ def collection_seconds(model, texts, w: Workload, paths, n_batches: int) -> floa
 
 
 def end_to_end(model, texts, w: Workload, steps: int, configs=None, paths=None) -> dict:
-    """Buffer + training for ``steps`` steps: wall time, tokens/s, peak resident memory."""
+    """Buffer + training for ``steps`` steps: wall time, tokens/s, and the resident memory
+    after every step (sampled each time the loop asks for the next batch)."""
     paths = paths or f"gpt_neox.layers.{w.layer}.mlp"
     configs = configs or [TrainerConfig(w.d_model, w.dict_size, warmup_steps=1)]
-    batches, _ = _stream(model, texts, w, paths, steps)
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        train_dictionaries(batches, configs, steps=steps, device=w.device, progress=False)
-        _sync(w.device)
-        seconds = time.perf_counter() - start
+    batches, _ = _stream(model, texts, w, paths, steps + 1)
+    rss = []
+
+    def sampled():
+        for batch in batches:
+            rss.append(_rss_bytes() / 2**20)
+            yield batch
+
+    start = time.perf_counter()
+    train_dictionaries(sampled(), configs, steps=steps, device=w.device, progress=False)
+    _sync(w.device)
+    seconds = time.perf_counter() - start
     return {"steps": steps, "seconds": seconds, "tokens_per_s": steps * w.train_batch / seconds,
-            "peak_rss_mb": rss.peak / 2**20}
+            "rss_mb_by_step": rss[1:]}  # rss[i]: after step i
 
 
 def bench_end_to_end(model, texts, w: Workload) -> dict:
-    """One dictionary, N and then 2N steps: throughput, and whether peak memory grows."""
+    """One dictionary for 4N steps: throughput, and resident memory after step N, 2N and 4N
+    (it must not grow with the number of steps)."""
     n = w.train_steps
-    short = end_to_end(model, texts, w, n)
-    long = end_to_end(model, texts, w, 2 * n)
-    return {"tokens_per_s": long["tokens_per_s"], "steps": [n, 2 * n],
-            "peak_rss_mb": [short["peak_rss_mb"], long["peak_rss_mb"]],
-            "rss_growth_mb": long["peak_rss_mb"] - short["peak_rss_mb"]}
+    with PeakRSS() as peak:
+        run = end_to_end(model, texts, w, 4 * n)
+    rss = run["rss_mb_by_step"]
+    at = {step: rss[step - 1] for step in (n, 2 * n, 4 * n)}
+    return {"tokens_per_s": run["tokens_per_s"], "rss_mb_at_step": at,
+            "rss_growth_mb": at[4 * n] - at[n], "peak_rss_mb": peak.peak / 2**20}
 
 
 def bench_sweeps(model, texts, w: Workload, n_dicts: int = 4) -> dict:
     """(a) ``n_dicts`` sparsity penalties from one stream against one collection plus
     ``n_dicts`` single steps per batch; (b) one dictionary per layer from one forward pass
     against one buffer per layer."""
-    n = w.train_steps
+    n = 2 * w.train_steps  # enough steps that each trainer's first step is amortised
     path = f"gpt_neox.layers.{w.layer}.mlp"
     penalties = [10.0 ** (-3 + i / 2) for i in range(n_dicts)]
     configs = [TrainerConfig(w.d_model, w.dict_size, sparsity_penalty=p, warmup_steps=1)
@@ -406,10 +435,11 @@ def format_table(results: dict) -> str:
                   f"{t['relu_step_s']:.3f} s = {t['topk_speedup']:.2f}x faster  (target >= 2)")]
     if "end_to_end" in results:
         e = results["end_to_end"]
+        steps = " / ".join(str(k) for k in e["rss_mb_at_step"])
+        mbs = " / ".join(f"{v:.0f}" for v in e["rss_mb_at_step"].values())
         rows += [("end to end tokens/s", f"{e['tokens_per_s']:.0f}"),
-                 (f"peak RSS at {e['steps'][0]} / {e['steps'][1]} steps",
-                  f"{e['peak_rss_mb'][0]:.0f} / {e['peak_rss_mb'][1]:.0f} MB "
-                  f"(growth {e['rss_growth_mb']:+.0f} MB)")]
+                 (f"RSS after step {steps}", f"{mbs} MB (growth {e['rss_growth_mb']:+.0f} MB; "
+                  f"peak {e['peak_rss_mb']:.0f} MB)")]
     if "sweeps" in results:
         s = results["sweeps"]
         rows += [(f"sweep of {s['n_dicts']} dictionaries", f"{s['sweep_s']:.1f} s vs "

@@ -1,15 +1,19 @@
 """The one training loop: several dictionaries trained from one stream of activations.
 
 Each dictionary is described by a :class:`TrainerConfig`. The loop asks each dictionary
-for its named loss terms (``Dictionary.loss_terms``), weighs them, takes an Adam step
-and keeps the dictionary's decoder constraint. Everything else (learning-rate warm-up,
-dead-feature resampling, checkpoints, logging) lives here, once, for every dictionary.
+for its named loss terms (``Dictionary.loss_terms``), sums them with the sparsity term
+weighted by ``sparsity_penalty``, takes an Adam step and lets the dictionary keep its
+constraints. Everything else (learning-rate warm-up and decay, sparsity warm-up, gradient
+clipping, activation normalisation, dead-feature resampling, checkpoints, logging) lives
+here, once, for every architecture.
 
-Loss (per batch of B tokens):
+Loss of the classic ``AutoEncoder`` (per batch of B tokens):
     mse     = mean_t ||x_t - x_hat_t||^2
     penalty = mean_t ||f_t||_1               (``penalty="l1"``)
             or mean_t H(f_t / sum f_t)        (``penalty="entropy"``)
     loss    = mse + sparsity_penalty * penalty
+Other architectures name their own terms (TopK: ``mse`` + ``auxk``; JumpReLU: ``mse`` +
+``l0_deviation``; Gated: ``mse`` + ``l1`` + ``aux``).
 """
 
 from __future__ import annotations
@@ -417,6 +421,10 @@ def trainSAE(activations: Iterable, activation_dim: int | tuple[int, int], dicti
         first = next(batches)
     except StopIteration:
         raise ValueError("activations yielded no batch") from None
+    if isinstance(first, dict):
+        raise ValueError("trainSAE trains one dictionary on one submodule, but the stream "
+                         f"serves {sorted(first)}: use train_dictionaries with "
+                         "TrainerConfig(submodule=...) for each")
     pairs = isinstance(first, (tuple, list))
     d_in, d_out = (activation_dim if isinstance(activation_dim, (tuple, list))
                    else (activation_dim, activation_dim))
