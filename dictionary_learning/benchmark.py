@@ -26,6 +26,7 @@ from itertools import islice
 import torch
 
 from .buffer import ActivationBuffer
+from .cpu_memory import keep_freed_memory
 from .submodules import hidden_states
 from .tiny import stdlib_texts, train_tokenizer
 from .tokens import tokenize_batch
@@ -53,6 +54,8 @@ class Workload:
     train_steps: int = 5
     device: str = "cpu"
     dtype: str = "float32"
+    keep_freed_memory: bool = True
+    """Tune glibc malloc as the command-line entry points do (see ``cpu_memory.py``)."""
 
 
 def build_model(w: Workload):
@@ -391,7 +394,9 @@ SECTIONS = ("buffer", "train_step", "topk_step", "end_to_end", "sweeps")
 
 def run_all(w: Workload, sections=SECTIONS) -> dict:
     """Every measurement on the workload, in one process."""
-    results = {"workload": asdict(w), "torch_threads": torch.get_num_threads()}
+    results = {"workload": asdict(w), "torch_threads": torch.get_num_threads(),
+               "malloc_keeps_freed_memory": keep_freed_memory() if w.keep_freed_memory
+               else False}
     logger.info("building the model")
     model = build_model(w)
     texts = list(islice(stdlib_texts(), w.n_texts))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_memory import keep_freed_memory
+
 
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
@@ -93,5 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     return args.func(args)

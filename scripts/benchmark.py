@@ -27,7 +27,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(Workload):
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(field.default), default=None,
+        kind = type(field.default)
+        parser.add_argument(flag, type=(lambda v: v.lower() in ("1", "true", "yes"))
+                            if kind is bool else kind, default=None,
                             help=f"default: {field.default}")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--sections", default=",".join(SECTIONS),

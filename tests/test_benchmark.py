@@ -26,3 +26,17 @@ def test_benchmark_script_quick_run_reports_every_ratio(tmp_path):
     # Packing serves every real token of the documents plus one separator each; padding
     # truncates to ctx_len, so packing serves at least as many real tokens.
     assert results["buffer"]["real_tokens_packed"] >= results["buffer"]["real_tokens_padded"]
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from dictionary_learning.cpu_memory import keep_freed_memory
+
+    result = subprocess.run([sys.executable, "-c", "from dictionary_learning.cpu_memory import "
+                             "keep_freed_memory; print(keep_freed_memory())"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert result.stdout.strip() == str(expected)
+    assert callable(keep_freed_memory)
