@@ -216,6 +216,18 @@ class Dictionary(nn.Module):
         decoder bias at the data's geometric median). Does nothing by default."""
 
     @torch.no_grad()
+    def init_tied_rows(self, norm: float = 1.0) -> None:
+        """The usual initialisation, through the accessor layout: random decoder rows of the
+        given norm, encoder rows equal to them, encoder bias 0."""
+        w = torch.randn(self.dict_size, self.W_dec.shape[1])
+        w *= norm / w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w)
+        if self.W_enc.shape == w.shape:
+            self.W_enc.copy_(w)
+        if self.b_enc is not None:
+            self.b_enc.zero_()
+
+    @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         w = self.W_dec
         w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-8))

@@ -29,13 +29,7 @@ class AutoEncoder(Dictionary):
         self.bias = nn.Parameter(torch.zeros(activation_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
-        # Random unit-norm decoder directions; encoder starts as their transpose.
-        with torch.no_grad():
-            w = torch.randn(dict_size, activation_dim)
-            w /= w.norm(dim=-1, keepdim=True)
-            self.decoder.weight.copy_(w.T)
-            self.encoder.weight.copy_(w)
-            self.encoder.bias.zero_()
+        self.init_tied_rows()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.activation_dim, f"{type(self).__name__}.encode")

@@ -34,12 +34,8 @@ class AutoEncoderNew(Dictionary):
         self.dict_size = dict_size
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, activation_dim, bias=True)
+        self.init_tied_rows(norm=0.1)
         with torch.no_grad():
-            w = torch.randn(dict_size, activation_dim)
-            w *= 0.1 / w.norm(dim=-1, keepdim=True)
-            self.decoder.weight.copy_(w.T)
-            self.encoder.weight.copy_(w)
-            self.encoder.bias.zero_()
             self.decoder.bias.zero_()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

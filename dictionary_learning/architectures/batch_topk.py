@@ -31,6 +31,14 @@ def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: floa
         threshold.mul_(beta).add_((1 - beta) * current)
 
 
+def count_step_and_update_threshold(sae, features: torch.Tensor) -> None:
+    """After a training step of a batch-top-k dictionary: count the step and, once more than
+    ``sae.threshold_start_step`` steps have passed, fold the batch into the threshold."""
+    sae._steps_seen += 1
+    if sae._steps_seen > sae.threshold_start_step:
+        update_threshold(sae.threshold, features, sae.threshold_beta)
+
+
 @register
 class BatchTopKSAE(AutoEncoderTopK):
     """Keeps the ``k * B`` largest latents of a whole training batch of ``B`` tokens, so
@@ -71,11 +79,8 @@ class BatchTopKSAE(AutoEncoderTopK):
     def apply_constraints(self, out=None) -> None:
         """Renormalise decoder rows; then update the threshold from ``out.features``."""
         super().apply_constraints(out)
-        if out is None:
-            return
-        self._steps_seen += 1
-        if self._steps_seen > self.threshold_start_step:
-            update_threshold(self.threshold, out.features, self.threshold_beta)
+        if out is not None:
+            count_step_and_update_threshold(self, out.features)
 
     def config(self) -> dict:
         return {**super().config(), "threshold_beta": self.threshold_beta,

@@ -41,11 +41,7 @@ class GatedAutoEncoder(Dictionary):
         self.gate_bias = nn.Parameter(torch.zeros(dict_size))
         self.mag_bias = nn.Parameter(torch.zeros(dict_size))
         self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
-        with torch.no_grad():
-            w = torch.randn(dict_size, activation_dim)
-            w /= w.norm(dim=-1, keepdim=True)
-            self.decoder.weight.copy_(w.T)
-            self.encoder.weight.copy_(w)
+        self.init_tied_rows()
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, pi_gate)``: the features and the gate pre-activations."""

@@ -83,12 +83,11 @@ class JumpReluAutoEncoder(Dictionary):
         self.dict_size = dict_size
         self.target_l0, self.bandwidth = float(target_l0), float(bandwidth)
         self.init_threshold = float(init_threshold)
-        w = torch.randn(dict_size, activation_dim)
-        w /= w.norm(dim=-1, keepdim=True)
-        self.W_enc = nn.Parameter(w.T.clone())
+        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
-        self.W_dec = nn.Parameter(w)
+        self.W_dec = nn.Parameter(torch.empty(dict_size, activation_dim))
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        self.init_tied_rows()
         self.threshold = nn.Parameter(torch.full((dict_size,), self.init_threshold))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width,
 from ..geometry import geometric_median
 from ..registry import register
 from ..sparse import auxk_loss, batch_topk_code, encode_sparse, sparse_decode
-from .batch_topk import threshold_encode, update_threshold
+from .batch_topk import count_step_and_update_threshold, threshold_encode
 from .topk import check_k
 
 
@@ -59,12 +59,11 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         self.register_buffer("k", torch.tensor(check_k(k, dict_size), dtype=torch.int))
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("group_sizes", torch.tensor(group_sizes))
-        w = torch.randn(dict_size, activation_dim)
-        w /= w.norm(dim=-1, keepdim=True)
-        self.W_enc = nn.Parameter(w.T.clone())
+        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
-        self.W_dec = nn.Parameter(w)
+        self.W_dec = nn.Parameter(torch.empty(dict_size, activation_dim))
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        self.init_tied_rows()
 
     @property
     def group_ends(self) -> list[int]:
@@ -107,11 +106,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
     def apply_constraints(self, out=None) -> None:
         """Renormalise decoder rows; then update the threshold from ``out.features``."""
         super().apply_constraints(out)
-        if out is None:
-            return
-        self._steps_seen += 1
-        if self._steps_seen > self.threshold_start_step:
-            update_threshold(self.threshold, out.features, self.threshold_beta)
+        if out is not None:
+            count_step_and_update_threshold(self, out.features)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:

@@ -52,13 +52,7 @@ class AutoEncoderTopK(Dictionary):
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
-        # Random unit-norm decoder directions; encoder starts as their transpose.
-        with torch.no_grad():
-            w = torch.randn(dict_size, activation_dim)
-            w /= w.norm(dim=-1, keepdim=True)
-            self.decoder.weight.copy_(w.T)
-            self.encoder.weight.copy_(w)
-            self.encoder.bias.zero_()
+        self.init_tied_rows()
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(encoder(x - b_dec))``, before any top-k."""
