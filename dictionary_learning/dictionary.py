@@ -1,8 +1,8 @@
 """Every dictionary class, importable from the place research code has always used.
 
-``from dictionary_learning.dictionary import AutoEncoder`` keeps working: the classes live
-one per module in ``architectures/`` and the interface in ``base.py``; this module gathers
-them.
+Research code that imports ``AutoEncoder`` (or any other class) from this module keeps
+working: the classes live one per module in ``architectures/`` and the interface in
+``base.py``; this module gathers them.
 """
 
 from .architectures import *  # noqa: F401,F403 - the public re-export is the point
