@@ -82,3 +82,48 @@ def forward_order(root: torch.nn.Module, hooks: list[tuple[torch.nn.Module, str]
 
     walk(root)
     return sorted(range(len(hooks)), key=lambda i: events[(id(hooks[i][0]), hooks[i][1])])
+
+
+# Short names of a layer's components, tried in order among the layer's children.
+COMPONENTS = {
+    "mlp": ("mlp",),
+    "attn": ("attention", "attn", "self_attn"),
+    "resid": (),  # the whole layer: its output is the residual stream after it
+}
+
+
+def submodule_path(model, spec: str) -> str:
+    """The dotted path of a submodule named by ``spec``.
+
+    ``spec`` is a dotted path (``"gpt_neox.layers.1.mlp"``), ``"embed"`` (the input
+    embedding), or a layer number and a component: ``"1.mlp"``, ``"3.attn"``, ``"2.resid"``
+    (the layer itself). The layers are the model's ``ModuleList`` as long as its
+    ``num_hidden_layers``, so the short form works for GPTNeoX, GPT-2 and Llama alike.
+    """
+    root = model._module
+    if spec == "embed":
+        embedding = root.get_input_embeddings()
+        return next(name for name, m in root.named_modules() if m is embedding)
+    layer, _, component = spec.partition(".")
+    if not (layer.isdigit() and component in COMPONENTS):
+        return spec
+    config = getattr(root, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in root.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if not lists:
+        raise ValueError(f"cannot find the layers of this {type(root).__name__} to resolve "
+                         f"{spec!r}; pass a dotted path instead (e.g. 'gpt_neox.layers.1.mlp')")
+    prefix, layers = lists[0]
+    if int(layer) >= len(layers):
+        raise ValueError(f"{spec!r}: the model has {len(layers)} layers (0 to "
+                         f"{len(layers) - 1})")
+    path = f"{prefix}.{layer}"
+    if not COMPONENTS[component]:
+        return path
+    children = dict(layers[int(layer)].named_children())
+    for child in COMPONENTS[component]:
+        if child in children:
+            return f"{path}.{child}"
+    raise ValueError(f"{spec!r}: layer {layer} has no {component} child (it has "
+                     f"{', '.join(children)}); pass a dotted path instead")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from .base import PENALTIES, Dictionary, LossContext, LossOutput, feature_rows
 from . import architectures  # noqa: F401 - registers every dictionary class
 from .registry import get_dictionary_class
-from .saving import CheckpointWriter
+from .saving import CheckpointWriter, checkpoint_steps, read_trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +228,37 @@ class Trainer:
         logged["lr"] = result.lr
         return logged
 
+    def state(self) -> dict:
+        """Everything a later run needs to continue exactly where this one is: the
+        training-time dictionary (before folding the activation scale), the optimizer, the
+        dead-feature counters and the schedule's bookkeeping."""
+        return {
+            "dictionary": self.dictionary.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_since_active": self.steps_since_active,
+            "tokens_since_active": self.tokens_since_active,
+            "warm_start": self.warm_start,
+            "activation_scale": self.activation_scale,
+            "n_resampled": self.n_resampled,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state` of an earlier run of the same config."""
+        try:
+            self.dictionary.load_state_dict(state["dictionary"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except KeyError as e:
+            raise ValueError(f"trainer state lacks {e}: it was written by an older version "
+                             "that cannot be resumed; start a new run") from None
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"the checkpoint does not fit this trainer ({e}); resume with "
+                             "the arguments of the run that wrote it") from e
+        self.steps_since_active = state["steps_since_active"].to(self.device)
+        self.tokens_since_active = state["tokens_since_active"].to(self.device)
+        self.warm_start = int(state["warm_start"])
+        self.activation_scale = float(state["activation_scale"])
+        self.n_resampled = int(state["n_resampled"])
+
     def raw_dictionary(self) -> Dictionary:
         """The dictionary as it applies to raw activations: with ``normalize_activations``
         the scale is folded into a copy's biases; otherwise the dictionary itself."""
@@ -319,11 +352,62 @@ def prefetched(batches: Iterable, device: torch.device) -> Iterator:
         yield current
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train_dictionaries`: the loop finished its step, wrote a
+    checkpoint (with a ``save_dir``) and stopped."""
+
+    def __init__(self, step: int, folders: list[Path]):
+        where = f"; checkpoint written in {', '.join(map(str, folders))}" if folders else ""
+        super().__init__(f"interrupted after step {step}{where}")
+        self.step, self.folders = step, folders
+
+
+class _DeferredInterrupt:
+    """Within the block the first Ctrl-C only sets ``requested`` (the loop checks it between
+    steps, so no step is left half done); a second one interrupts at once. Only the main
+    thread receives signals; elsewhere this does nothing."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupted: stopping after this step with a checkpoint "
+                       "(press Ctrl-C again to stop at once, without one)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def resume_step(save_dir: str | Path, n_trainers: int) -> int:
+    """The latest step at which every trainer folder of ``save_dir`` has a checkpoint."""
+    folders = _trainer_dirs(save_dir, n_trainers)
+    common = set.intersection(*(set(checkpoint_steps(f)) for f in folders))
+    if not common:
+        raise ValueError(f"no checkpoint to resume from in {save_dir} (looked for "
+                         "checkpoints/trainer_state_*.pt beside ae_*.pt"
+                         + (" in every trainer_* folder" if n_trainers > 1 else "")
+                         + "); run without resume, with save_steps set")
+    return max(common)
+
+
+def _trainer_dirs(save_dir: str | Path, n: int) -> list[Path]:
+    return [Path(save_dir)] if n == 1 else [Path(save_dir) / f"trainer_{i}" for i in range(n)]
+
+
 def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        steps: int | None = None, save_dir: str | Path | None = None,
                        save_steps: int | Iterable[int] | None = None,
                        log_steps: int | None = None, device: str | torch.device = "cpu",
-                       run_info: dict | None = None, progress: bool = True) -> list[Dictionary]:
+                       run_info: dict | None = None, progress: bool = True,
+                       resume: bool = False) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
     ``activations`` yields tensors ``[B, d]``, ``(x_in, x_out)`` pairs, or — from a buffer
@@ -332,58 +416,71 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     dictionaries. ``steps=None`` trains until the stream ends. With ``save_dir``, a single
     dictionary is saved in ``save_dir`` and several in ``save_dir/trainer_{i}``: ``ae.pt``,
     ``config.json`` and, at ``save_steps`` (an interval or a list of steps),
-    ``checkpoints/ae_{step}.pt`` beside the optimizer state needed to resume. ``run_info``
+    ``checkpoints/ae_{step}.pt`` beside the trainer state needed to resume. ``run_info``
     (lm_name, submodule_name, ...) goes into the trainer section of ``config.json``; by
     default it is read from ``activations.config``. Returns the trained dictionaries (taking
     raw activations), in the order of ``configs``.
+
+    ``resume=True`` continues from the latest checkpoint in ``save_dir`` (dictionary,
+    optimizer, schedules, counters, step); the caller positions ``activations`` past the
+    text already read (``texts_read`` in the trainer state; :func:`checkpoint_texts_read`).
+    Ctrl-C finishes the current step, writes a checkpoint and raises
+    :class:`TrainingInterrupted`.
     """
     if not configs:
         raise ValueError("configs is empty: pass at least one TrainerConfig")
+    if resume and save_dir is None:
+        raise ValueError("resume needs the save_dir of the run to continue")
     device = torch.device(device)
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
     trainers = [Trainer(cfg, device, total_steps=steps) for cfg in configs]
+    step, n_tokens = 0, 0
+    if resume:
+        step = resume_step(save_dir, len(configs))
+        for folder, t in zip(_trainer_dirs(save_dir, len(configs)), trainers):
+            state = read_trainer_state(folder, step)
+            t.load_state(state)
+            n_tokens = int(state["activations_trained"])
+        logger.info("resuming from step %d (%d activations trained)", step, n_tokens)
     writers = []
     if save_dir is not None:
-        dirs = ([Path(save_dir)] if len(configs) == 1
-                else [Path(save_dir) / f"trainer_{i}" for i in range(len(configs))])
         writers = [CheckpointWriter(d, t, buffer_config, {**run_info, **(
-            {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps)
-            for d, t in zip(dirs, trainers)]
+            {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps,
+            resume_step=step if resume else None)
+            for d, t in zip(_trainer_dirs(save_dir, len(configs)), trainers)]
     save_at = _save_schedule(save_steps)
 
+    def checkpoint():
+        for w in writers:
+            w.checkpoint(step, n_tokens, texts_read=getattr(activations, "texts_seen", None))
+
     log_every = log_steps or max(1, (steps or 1000) // 100)
-    bar = tqdm(total=steps, desc="Training", unit="step", disable=not progress)
-    step, n_tokens = 0, 0
+    bar = tqdm(total=steps, initial=step, desc="Training", unit="step", disable=not progress)
+    first_step, start_tokens = step, n_tokens
     try:
-        for batch in prefetched(activations, device):
-            if steps is not None and step >= steps:
-                break
-            results = []
-            for t in trainers:
-                x, target = split_batch(select_batch(batch, t.config.submodule), device,
-                                        t.dtype)
-                if step == 0:
-                    t.start(x, target)
-                results.append(t.step(step, x, target))
-            n_tokens += x.shape[0]
-            step += 1
-            bar.update(1)
-            if step % log_every == 0 or step == 1:
-                logged = [Trainer.summary(r) for r in results]
-                elapsed = bar.format_dict["elapsed"] or float("nan")
-                bar.set_postfix(mse=f"{logged[0]['mse']:.4g}", l0=f"{logged[0]['l0']:.1f}",
-                                tok_s=f"{n_tokens / elapsed:.0f}")
-                for i, entry in enumerate(logged):
-                    if log_steps:
-                        logger.info("step %d trainer %d: %s", step, i,
-                                    " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
-                    if writers:
-                        writers[i].log(step, n_tokens, entry)
-            if save_at(step):
-                for w in writers:
-                    w.checkpoint(step, n_tokens)
+        with _DeferredInterrupt() as interrupt:
+            for batch in prefetched(activations, device):
+                if steps is not None and step >= steps:
+                    break
+                results = []
+                for t in trainers:
+                    x, target = split_batch(select_batch(batch, t.config.submodule), device,
+                                            t.dtype)
+                    if step == 0:
+                        t.start(x, target)
+                    results.append(t.step(step, x, target))
+                n_tokens += x.shape[0]
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == first_step + 1:
+                    _log(step, n_tokens - start_tokens, results, bar, writers, log_steps,
+                         n_tokens)
+                if save_at(step) or (interrupt.requested and writers):
+                    checkpoint()
+                if interrupt.requested:
+                    raise TrainingInterrupted(step, [w.folder for w in writers])
     finally:
         bar.close()
     if steps is not None and step < steps:
@@ -391,6 +488,27 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     for w in writers:
         w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
     return [t.raw_dictionary() for t in trainers]
+
+
+def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | None:
+    """How many texts the stream had consumed at the checkpoint :func:`train_dictionaries`
+    would resume from (``None`` when the stream did not say)."""
+    step = resume_step(save_dir, n_trainers)
+    texts = int(read_trainer_state(_trainer_dirs(save_dir, n_trainers)[0], step)["texts_read"])
+    return None if texts < 0 else texts
+
+
+def _log(step, tokens_this_run, results, bar, writers, log_steps, n_tokens) -> None:
+    logged = [Trainer.summary(r) for r in results]
+    elapsed = bar.format_dict["elapsed"] or float("nan")
+    bar.set_postfix(loss=f"{logged[0]['loss']:.4g}", mse=f"{logged[0]['mse']:.4g}",
+                    l0=f"{logged[0]['l0']:.1f}", tok_s=f"{tokens_this_run / elapsed:.0f}")
+    for i, entry in enumerate(logged):
+        if log_steps:
+            logger.info("step %d trainer %d: %s", step, i,
+                        " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+        if writers:
+            writers[i].log(step, n_tokens, entry)
 
 
 def _save_schedule(save_steps):
@@ -457,3 +575,7 @@ class _Rejoined:
     @property
     def config(self):
         return getattr(self._source, "config", None)
+
+    @property
+    def texts_seen(self):
+        return getattr(self._source, "texts_seen", None)

@@ -1,0 +1,100 @@
+"""Resuming a run: a run killed after a checkpoint, or stopped with Ctrl-C, and then resumed,
+ends with exactly the dictionary of the same run left alone."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from dictionary_learning import TrainerConfig, load_dictionary, train_dictionaries
+from dictionary_learning.training import TrainingInterrupted, checkpoint_texts_read
+
+from conftest import planted_dictionary_data
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def batches():
+    x, _ = planted_dictionary_data(d=16, m=32, n=STEPS * 64, seed=3)
+    return list(x.split(64))
+
+
+def configs():
+    return [TrainerConfig(16, 64, lr=3e-3, warmup_steps=3, resample_steps=4, decay_start=6),
+            TrainerConfig(16, 64, dict_class="AutoEncoderTopK", dict_kwargs={"k": 4},
+                          warmup_steps=3, normalize_activations=True)]
+
+
+class Stream:
+    """Batches with a position, like a buffer's ``texts_seen``; can fail at a given batch."""
+
+    def __init__(self, batches, start=0, fail_at=None, interrupt_at=None):
+        self.batches, self.texts_seen = batches, start
+        self.fail_at, self.interrupt_at = fail_at, interrupt_at
+
+    def __iter__(self):
+        for i in range(self.texts_seen, len(self.batches)):
+            if i == self.fail_at:
+                raise RuntimeError("killed")
+            if i == self.interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the batch is being made
+            self.texts_seen = i + 1
+            yield self.batches[i]
+
+
+def assert_same_dictionaries(a, b):
+    for da, db in zip(a, b):
+        sa, sb = da.state_dict(), db.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+def reference(batches, tmp_path):
+    return train_dictionaries(Stream(batches), configs(), steps=STEPS,
+                              save_dir=tmp_path / "ref", progress=False)
+
+
+def test_killed_run_resumes_to_the_same_dictionaries(batches, tmp_path):
+    expected = reference(batches, tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_dictionaries(Stream(batches, fail_at=7), configs(), steps=STEPS, save_dir=run,
+                           save_steps=5, progress=False)
+    # The checkpoint of step 5 loads on its own, and says how much text had been read.
+    ckpt, _ = load_dictionary(run / "trainer_0" / "checkpoints" / "ae_5.pt")
+    assert ckpt.dict_size == 64
+    assert checkpoint_texts_read(run, n_trainers=2) == 5
+    resumed = train_dictionaries(Stream(batches, start=5), configs(), steps=STEPS,
+                                 save_dir=run, save_steps=5, progress=False, resume=True)
+    assert_same_dictionaries(resumed, expected)
+    final, config = load_dictionary(run / "trainer_1")
+    assert config["run"]["finished"] and config["run"]["steps_done"] == STEPS
+    assert_same_dictionaries([final], [expected[1]])
+    # The metrics log has each logged step once: the lines after the checkpoint were dropped.
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (run / "trainer_0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+def test_ctrl_c_writes_a_checkpoint_then_resumes(batches, tmp_path):
+    expected = reference(batches, tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_dictionaries(Stream(batches, interrupt_at=7), configs(), steps=STEPS,
+                           save_dir=run, save_steps=100, progress=False)
+    # Ctrl-C arrived while batch 7 was made: that step finished, then the checkpoint.
+    assert stopped.value.step == 8
+    assert (run / "trainer_0" / "checkpoints" / "trainer_state_8.pt").is_file()
+    assert checkpoint_texts_read(run, n_trainers=2) == 8
+    resumed = train_dictionaries(Stream(batches, start=8), configs(), steps=STEPS,
+                                 save_dir=run, progress=False, resume=True)
+    assert_same_dictionaries(resumed, expected)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(batches, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        train_dictionaries(Stream(batches), configs(), steps=STEPS, save_dir=tmp_path,
+                           progress=False, resume=True)
