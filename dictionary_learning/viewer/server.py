@@ -1,0 +1,216 @@
+"""The viewer's local HTTP server: a static page and a small JSON API over one run folder.
+
+Standard library only (``http.server``). Endpoints:
+
+- ``GET /`` — the page (``static/index.html``; its scripts and styles are served from
+  ``/static/``, nothing is fetched from another host).
+- ``GET /api/metadata`` — the run's ``metadata.json`` plus ``metrics`` (the ranking names).
+- ``GET /api/features?metric=NAME[&offset=O&limit=L]`` — features ranked by ``NAME``,
+  largest first: ``{metric, total, offset, features: [{id, value, <every metric>}]}``.
+- ``GET /api/feature_info?id=N`` — one feature's statistics, histogram, top and random
+  contexts (tokens as strings) and logit effects.
+
+Bad input answers JSON ``{"error": ...}``: 400 for a malformed id/offset/limit or an
+unknown metric, 404 for an id outside ``0..dict_size-1`` or an unknown path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from .run import Run, find_run
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# Defence in depth: the page builds its DOM from text nodes, and even so may run only its
+# own scripts and styles, and fetch only from this server.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+class BadRequest(Exception):
+    """A request the client got wrong; answered with ``status`` and a JSON message."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _static_files() -> dict[str, Path]:
+    """URL path -> file, for the page's own files (a fixed list: no path is ever joined)."""
+    files = {f"/static/{p.name}": p for p in STATIC_DIR.iterdir()
+             if p.is_file() and p.suffix in CONTENT_TYPES}
+    files["/"] = files["/index.html"] = STATIC_DIR / "index.html"
+    return files
+
+
+def _integer(query: dict, name: str, default: int | None = None) -> int | None:
+    values = query.get(name)
+    if not values:
+        if default is None:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"missing parameter {name!r} (an integer)")
+        return default
+    if not INTEGER.fullmatch(values[0]):
+        raise BadRequest(HTTPStatus.BAD_REQUEST,
+                         f"parameter {name!r} must be an integer, got {values[0][:40]!r}")
+    return int(values[0])
+
+
+class ViewerHandler(BaseHTTPRequestHandler):
+    """Answers GET requests from the server's ``run`` and its static files."""
+
+    server_version = "dictionary_learning-viewer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        logger.info("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=300" if cache else "no-store")
+        for key, value in SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj, status: int = HTTPStatus.OK) -> None:
+        """Send ``obj`` as JSON (or as is, when it is already encoded JSON bytes)."""
+        body = obj if isinstance(obj, bytes) else json.dumps(
+            obj, separators=(",", ":"), allow_nan=False).encode()
+        self._send(status, body, "application/json; charset=utf-8")
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """Errors the base class raises itself (bad request line, unsupported method) as
+        JSON too, never an HTML page."""
+        self.close_connection = True
+        try:
+            self._json({"error": message or HTTPStatus(code).phrase}, code)
+        except (OSError, ValueError):  # the client went away, or the status line is broken
+            logger.debug("could not send error %s", code)
+
+    def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+        url = urlsplit(self.path)
+        try:
+            query = parse_qs(url.query, keep_blank_values=True)
+            if url.path.startswith("/api/"):
+                self._json(self._api(url.path, query))
+            elif url.path in self.server.static_files:
+                path = self.server.static_files[url.path]
+                self._send(HTTPStatus.OK, path.read_bytes(), CONTENT_TYPES[path.suffix])
+            else:
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:80]}")
+        except BadRequest as e:
+            self._json({"error": str(e)}, e.status)
+        except Exception:  # a bug must answer 500, not kill the connection with a traceback
+            logger.exception("error answering %s", self.path)
+            self._json({"error": "internal error; see the server's log"},
+                       HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    do_HEAD = do_GET
+
+    def _api(self, path: str, query: dict):
+        run: Run = self.server.run
+        if path == "/api/metadata":
+            return {**run.metadata, "metrics": run.metrics, "run": run.path.name}
+        if path == "/api/features":
+            metric = (query.get("metric") or [run.metrics[0] if run.metrics else ""])[0]
+            if metric not in run.columns:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, f"unknown metric {metric[:40]!r}; "
+                                 f"this run has: {', '.join(run.metrics)}")
+            offset = _integer(query, "offset", 0)
+            limit = _integer(query, "limit", -1)
+            if offset < 0 or limit < -1:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, "offset and limit must be >= 0")
+            return self.server.ranked_page(metric, offset, None if limit == -1 else limit)
+        if path == "/api/feature_info":
+            i = _integer(query, "id")
+            if not 0 <= i < run.size:
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no feature {i}: this run has features "
+                                 f"0..{run.size - 1}")
+            return run.feature_info(i)
+        raise BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {path[:80]}")
+
+
+class ViewerServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves one :class:`Run`."""
+
+    daemon_threads = True
+
+    def __init__(self, run: Run, host: str, port: int):
+        self.run = run
+        self.static_files = _static_files()
+        self._pages: dict[tuple, bytes] = {}  # encoded rankings: the page asks for each often
+        self._lock = threading.Lock()
+        super().__init__((host, port), ViewerHandler)
+
+    def ranked_page(self, metric: str, offset: int, limit: int | None) -> bytes:
+        """``run.features(...)`` as JSON bytes, kept for the next request (up to 64 pages)."""
+        key = (metric, offset, limit)
+        with self._lock:
+            body = self._pages.get(key)
+            if body is None:
+                body = json.dumps(self.run.features(metric, offset, limit),
+                                  separators=(",", ":"), allow_nan=False).encode()
+                if len(self._pages) >= 64:
+                    self._pages.pop(next(iter(self._pages)))
+                self._pages[key] = body
+        return body
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/"
+
+
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                run_name: str | None = None) -> ViewerServer:
+    """A server (not yet serving) for the run in ``run_dir`` — a run folder, or a folder of
+    runs (the newest, or ``run_name``). ``port=0`` picks a free port; see ``server.url``.
+    Start it with ``server.serve_forever()`` (or :func:`serve`); stop with ``shutdown()``."""
+    run = Run(find_run(run_dir, run_name))
+    server = ViewerServer(run, host, port)
+    logger.info("serving %s (%d features) at %s", run.path, run.size, server.url)
+    return server
+
+
+def serve_until_interrupted(server: ViewerServer) -> None:
+    """Serve requests until Ctrl+C, then close the server's socket."""
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("stopped")
+    finally:
+        server.server_close()
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          run_name: str | None = None, in_thread: bool = False) -> ViewerServer:
+    """Make a server and serve: until Ctrl+C, or, with ``in_thread``, in a daemon thread
+    while the caller goes on (then stop it with ``server.shutdown(); server.server_close()``).
+    Returns the server (its address is ``server.url``)."""
+    server = make_server(run_dir, host, port, run_name)
+    if in_thread:
+        threading.Thread(target=server.serve_forever, name="viewer", daemon=True).start()
+    else:
+        serve_until_interrupted(server)
+    return server
