@@ -1,0 +1,197 @@
+"""One analysis run: stream text through the model and dictionary, then write a run folder.
+
+Run folder (all JSON, compact, floats to 4 significant digits; feature id = list index or
+string key)::
+
+    metadata.json    what was analysed and how (format "dictionary_learning.analysis/1")
+    features.json    {metric: [m values]} for every ranking metric
+    histograms.json  {"n_bins", "upper": [m], "counts": [m x n_bins]}
+    contexts.json    {"vocab": [token text], "top": {id: [example]}, "random": {id: [example]}}
+                     example = {"tokens": [vocab index], "acts": [...], "max", "pos"}
+    logits.json      {id: {"promoted": [[token, value]], "suppressed": [...],
+                           "ablation": {"promoted", "suppressed", "n_contexts"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .interpret import RANKINGS, ContextCollector, FeatureStatistics, feature_activations
+from .logit_effects import ablation_effect, logit_lens
+from .saving import atomic_write, versions
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dictionary_learning.analysis/1"
+FILES = ("metadata.json", "features.json", "histograms.json", "contexts.json", "logits.json")
+ABLATION_NOTE = ("ablation value = mean over the feature's top contexts of log p_clean - "
+                 "log p_ablated of the next token after the max-activating token (positive: "
+                 "the feature promotes it); contexts are the stored windows, so the model sees "
+                 "at most `window_before` tokens before that token")
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyze` measured. ``scores``: ranking name -> ``[m]``; ``lens``: the
+    :func:`~.logit_effects.logit_lens` result (``None`` when not applicable, with ``lens_note``
+    saying why); ``ablation``: feature id -> (mean effect ``[V]``, number of contexts)."""
+
+    stats: FeatureStatistics
+    top: ContextCollector
+    random: ContextCollector
+    scores: dict[str, torch.Tensor]
+    n_tokens: int
+    n_contexts: int
+    lens: dict | None = None
+    lens_note: str = ""
+    ablation: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+
+def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int = 128,
+            batch_size: int = 32, n_tokens: int | None = 100_000, k_top: int = 10,
+            k_random: int = 5, before: int = 24, after: int = 8, n_bins: int = 20,
+            rankings: list[str] | None = None, n_ablation: int = 10,
+            apply_final_norm: bool = True, remove_bos: bool = False, seed: int = 0,
+            progress: bool = True) -> Analysis:
+    """Top and random contexts, statistics and ranking scores of every feature over at most
+    ``n_tokens`` real tokens of ``texts``; the logit lens of every feature; ablation effects
+    of the ``n_ablation`` features ranked highest by the first of ``rankings``."""
+    rankings = list(rankings or RANKINGS)
+    unknown = [r for r in rankings if r not in RANKINGS]
+    if unknown:
+        raise ValueError(f"unknown ranking metric(s) {unknown}; known: {sorted(RANKINGS)}")
+    m = dictionary.dict_size
+    stats = FeatureStatistics(m, n_bins)
+    top = ContextCollector(m, k_top, before, after, mode="top")
+    rand = ContextCollector(m, k_random, before, after, mode="random",
+                            generator=torch.Generator().manual_seed(seed))
+    n_contexts = 0
+    for inputs, f, mask in feature_activations(model, submodule, dictionary, texts, io, ctx_len,
+                                               batch_size, n_tokens, remove_bos, progress):
+        stats.update(f[mask.to(f.device)])
+        top.update(f, inputs["input_ids"], mask)
+        rand.update(f, inputs["input_ids"], mask)
+        n_contexts += f.shape[0]
+    if stats.n_tokens == 0:
+        raise ValueError("the texts held no tokens: nothing to analyse")
+    summary = stats.summary()
+    scores = {name: RANKINGS[name](summary).double().cpu() for name in rankings}
+    result = Analysis(stats, top, rand, scores, stats.n_tokens, n_contexts)
+    try:
+        result.lens = logit_lens(dictionary, model._module, apply_final_norm=apply_final_norm)
+        result.lens_note = ("W_U @ (g * W_dec[i]) with g the final norm's weight (no centring, "
+                            "no scaling by the residual norm, no bias)"
+                            if result.lens["final_norm_applied"] else "W_U @ W_dec[i]")
+    except ValueError as e:
+        result.lens_note = f"not computed: {e}"
+        logger.warning("logit lens %s", result.lens_note)
+    alive = summary["n_fired"] > 0
+    order = scores[rankings[0]].masked_fill(~alive, -torch.inf).argsort(descending=True)
+    n_ablation = n_ablation if dictionary.W_dec is not None else 0
+    chosen = order[: min(n_ablation, int(alive.sum()))].tolist()
+    for i in tqdm(chosen, desc="Ablating features", disable=not progress or not chosen):
+        examples = top.examples(i)
+        effect = ablation_effect(model, submodule, dictionary, i, [e.tokens for e in examples],
+                                 [e.pos for e in examples], io=io)
+        result.ablation[i] = (effect, len(examples))
+    return result
+
+
+# -- writing -------------------------------------------------------------------------------
+def _r(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _rl(values) -> list[float]:
+    return [_r(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+
+
+class _TokenText:
+    """Token id -> displayed text (raw, unescaped), decoded one token at a time."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)
+        return self.cache[token_id]
+
+
+def _contexts_json(result: Analysis, text: _TokenText) -> dict:
+    vocab: dict[int, int] = {}
+
+    def encode(e) -> dict:
+        return {"tokens": [vocab.setdefault(t, len(vocab)) for t in e.tokens],
+                "acts": _rl(e.acts), "max": _r(e.max), "pos": e.pos}
+
+    out = {"top": {}, "random": {}}
+    for name, collector in (("top", result.top), ("random", result.random)):
+        for i in range(collector.m):
+            examples = collector.examples(i)
+            if examples:
+                out[name][str(i)] = [encode(e) for e in examples]
+    return {"vocab": [text(t) for t in vocab], **out}
+
+
+def _logits_json(result: Analysis, text: _TokenText, top: int = 10) -> dict:
+    def pairs(values, ids) -> list:
+        return [[text(int(t)), _r(v)] for v, t in zip(values.tolist(), ids.tolist())]
+
+    out: dict[str, dict] = {}
+    if result.lens is not None:
+        (pv, pi), (sv, si) = result.lens["promoted"], result.lens["suppressed"]
+        for i in range(pv.shape[0]):
+            out[str(i)] = {"promoted": pairs(pv[i], pi[i]), "suppressed": pairs(sv[i], si[i])}
+    for i, (effect, n) in result.ablation.items():
+        k = min(top, effect.numel())
+        pv, pi = effect.topk(k)
+        sv, si = effect.topk(k, largest=False)
+        out.setdefault(str(i), {})["ablation"] = {
+            "promoted": pairs(pv, pi), "suppressed": pairs(sv, si), "n_contexts": n}
+    return out
+
+
+def write_run_folder(result: Analysis, out: str | Path, tokenizer, info: dict) -> list[Path]:
+    """Write the five files of a run folder into ``out`` (created if needed) and return their
+    paths. ``info`` gives the metadata fields the analysis does not know: ``dictionary``,
+    ``dict_class``, ``activation_dim``, ``dict_size``, ``model``, ``submodule``, ``io``,
+    ``ctx_len``."""
+    out = Path(out)
+    text = _TokenText(tokenizer)
+    summary = result.stats.summary()
+    metadata = {
+        "format": FORMAT, **info, "n_tokens": result.n_tokens, "n_contexts": result.n_contexts,
+        "k_top": result.top.k, "k_random": result.random.k,
+        "window_before": result.top.before, "window_after": result.top.after,
+        "rankings": list(result.scores),
+        "logit_lens": {"final_norm_applied": bool(result.lens and
+                                                  result.lens["final_norm_applied"]),
+                       "note": result.lens_note},
+        "ablation_features": list(result.ablation), "ablation_note": ABLATION_NOTE,
+        "histogram_note": "linear bins from 0 to `upper`, the smallest power of two above the "
+                          "feature's max activation; only firing (> 0) values are counted",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    features = {name: _rl(s) for name, s in result.scores.items()}
+    for name in ("density", "mean_activation", "max_activation"):
+        features.setdefault(name, _rl(summary[name]))
+    histograms = {"n_bins": result.stats.n_bins, "upper": _rl(result.stats.upper),
+                  "counts": result.stats.counts.tolist()}
+    documents = dict(zip(FILES, (metadata, features, histograms, _contexts_json(result, text),
+                                 _logits_json(result, text))))
+    paths = []
+    for name, obj in documents.items():
+        data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        atomic_write(out / name, lambda tmp, data=data: Path(tmp).write_text(data, "utf-8"))
+        paths.append(out / name)
+    return paths

@@ -1,0 +1,113 @@
+"""``analyze``: top contexts, statistics and logit effects of a dictionary's features, written
+as a run folder for the viewer (format in :mod:`dictionary_learning.analysis_run`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import CLIError, format_pairs, load_model, open_texts
+
+
+def _settings(args: argparse.Namespace, config: dict) -> dict:
+    """Model, submodule, io, ctx_len and remove_bos: the flags, else the dictionary's
+    ``config.json`` (``trainer.lm_name``/``submodule_name``, ``buffer.io``/``ctx_len``)."""
+    trainer, buffer = config.get("trainer", config), config.get("buffer", {})
+    found = {
+        "model": args.model or trainer.get("lm_name") or buffer.get("lm_name"),
+        "submodule": args.submodule or trainer.get("submodule_name")
+        or buffer.get("submodule_name"),
+        "io": args.io or buffer.get("io") or "out",
+        "ctx_len": args.ctx_len or buffer.get("ctx_len") or 128,
+        "remove_bos": bool(buffer.get("remove_bos", False)) if args.remove_bos is None
+        else args.remove_bos,
+    }
+    for key, flag in (("model", "--model"), ("submodule", "--submodule")):
+        if not found[key]:
+            raise CLIError(f"the dictionary's config.json does not name its {key}: pass {flag}")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis_run import analyze, write_run_folder
+    from ..interpret import RANKINGS
+    from ..loading import load_dictionary
+    from ..submodules import resolve_submodule
+
+    start = time.perf_counter()
+    for name in ("n_tokens", "batch_size", "k", "k_random"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    rankings = args.rankings.split(",") if args.rankings else list(RANKINGS)
+    if unknown := [r for r in rankings if r not in RANKINGS]:
+        raise CLIError(f"unknown ranking metric(s) {unknown}; choose from {sorted(RANKINGS)}")
+    dict_dir = Path(args.dict_dir).expanduser()
+    if not dict_dir.exists():
+        raise CLIError(f"no dictionary at {dict_dir}: pass a folder holding ae.pt "
+                       "(and config.json), or the .pt file")
+    dictionary, config = load_dictionary(dict_dir, device=args.device)
+    s = _settings(args, config)
+    model = load_model(s["model"], device=args.device)
+    resolve_submodule(model, s["submodule"])            # a wrong name fails before any work
+    texts = open_texts(args.data, split=args.split, text_field=args.text_field)
+    torch.manual_seed(args.seed)
+    result = analyze(model, s["submodule"], dictionary, texts, io=s["io"],
+                     ctx_len=s["ctx_len"], batch_size=args.batch_size, n_tokens=args.n_tokens,
+                     k_top=args.k, k_random=args.k_random, before=args.window_before,
+                     after=args.window_after, rankings=rankings,
+                     n_ablation=args.ablation_features,
+                     apply_final_norm=not args.no_final_norm, remove_bos=s["remove_bos"],
+                     seed=args.seed)
+    info = {"dictionary": str(dict_dir.resolve()), "dict_class": type(dictionary).__name__,
+            "activation_dim": dictionary.activation_dim, "dict_size": dictionary.dict_size,
+            "model": s["model"], "submodule": s["submodule"], "io": s["io"],
+            "ctx_len": s["ctx_len"]}
+    paths = write_run_folder(result, args.out, model.tokenizer, info)
+    alive = int((result.stats.count > 0).sum())
+    print(f"Analysed {result.n_tokens:,} tokens in {result.n_contexts:,} contexts: "
+          f"{alive:,} of {dictionary.dict_size:,} features fired")
+    print("Wrote")
+    print(format_pairs([(p.name, str(p)) for p in paths]))
+    print(f"Done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="find what a dictionary's features respond to: top and "
+                       "random contexts, statistics, logit effects; writes a run folder")
+    p.add_argument("dict_dir", help="dictionary folder (ae.pt + config.json) or .pt file")
+    p.add_argument("--data", default="stdlib", help="'stdlib', a .txt/.jsonl/.jsonl.zst file or "
+                   "folder, or a HF dataset name (default: %(default)s)")
+    p.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text")
+    p.add_argument("--n-tokens", type=int, default=100_000,
+                   help="real tokens to analyse (default: %(default)s)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--model", help="model hub id or folder (default: the dictionary's config)")
+    p.add_argument("--submodule", help="dotted submodule path (default: the dictionary's config)")
+    p.add_argument("--io", choices=("out", "in", "in_to_out"),
+                   help="which activation the dictionary reads (default: config, else out)")
+    p.add_argument("--ctx-len", type=int, help="tokens per context (default: config, else 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    p.add_argument("--k", type=int, default=10, help="top contexts per feature (default: 10)")
+    p.add_argument("--k-random", type=int, default=5,
+                   help="random firing contexts per feature (default: 5)")
+    p.add_argument("--window-before", type=int, default=24,
+                   help="tokens kept before the max-activating token (default: 24)")
+    p.add_argument("--window-after", type=int, default=8,
+                   help="tokens kept after it (default: 8)")
+    p.add_argument("--rankings", help="comma-separated ranking metrics, the first choosing the "
+                   "ablated features (default: all registered: density,max_activation,"
+                   "mean_activation)")
+    p.add_argument("--ablation-features", type=int, default=10,
+                   help="measure ablation effects for this many top-ranked features (default: 10)")
+    p.add_argument("--no-final-norm", action="store_true",
+                   help="logit lens without the final norm's weight")
+    p.add_argument("--remove-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip each context's first token (default: as the dictionary was trained)")
+    p.add_argument("--device", default="cpu", help="device for model and dictionary")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random contexts")
+    p.set_defaults(func=run)
