@@ -1,0 +1,271 @@
+"""Evaluating dictionary folders end to end: find them, tell what each was trained on,
+collect held-out activations, measure.
+
+One mechanism for every command that measures saved dictionaries (``evaluate``,
+``histograms``):
+
+- :func:`find_dictionaries` turns paths into dictionary locations: a folder holding
+  ``ae.pt``, every such folder under a tree, or a file / folder in a foreign format that
+  :func:`~dictionary_learning.loading.load_dictionary` reads.
+- :func:`read_target` says where a dictionary's activations come from (model, submodule,
+  ``io``, ``ctx_len``): from ``config.json`` (nested ``trainer``/``buffer`` sections or the
+  older flat keys), else from the published pythia-70m-deduped layout
+  ``{embed, attn_out_layerN, mlp_out_layerN, resid_out_layerN}/{set}/ae.pt``; explicit
+  overrides win.
+- :func:`measure` computes the metrics of one loaded dictionary on held-out text, and
+  :func:`assess` runs it over many dictionaries, loading each model once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .buffer import ActivationBuffer
+from .evaluation import loss_recovered, reconstruction_metrics
+from .loading import CONFIG_NAME, WEIGHTS_NAME, load_dictionary, read_config, read_state_dict
+from .registry import get_dictionary_class
+
+logger = logging.getLogger(__name__)
+
+# Weight files that mark a folder as a dictionary when searching a tree: ours, SAELens',
+# sparsify's. A foreign single file (an OpenAI ``.pt``) must be named explicitly.
+MARKERS = (WEIGHTS_NAME, "sae_weights.safetensors", "sae.safetensors")
+SKIP_DIRS = {"checkpoints", ".git", "__pycache__"}
+
+# The published pythia-70m-deduped sets (saprmarks/feature-circuits'
+# dictionary_loading_utils.py): a folder per component, a subfolder per set.
+PUBLISHED_MODEL = "EleutherAI/pythia-70m-deduped"
+COMPONENT_RE = re.compile(r"^(embed|(attn|mlp|resid)_out_layer(\d+))$")
+PUBLISHED_SUBMODULES = {"attn": "gpt_neox.layers.{}.attention", "mlp": "gpt_neox.layers.{}.mlp",
+                        "resid": "gpt_neox.layers.{}"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a dictionary's activations come from."""
+    model: str | None       # hub id or local folder
+    submodule: str | None   # dotted path in the model
+    io: str = "out"
+    ctx_len: int = 128
+    source: str = "command line"  # what told us model and submodule
+
+
+def find_dictionaries(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every dictionary at or under ``paths``, in sorted order, each once.
+
+    A folder with an ``ae.pt`` (or a SAELens/sparsify weights file) is a dictionary; a
+    folder without one is searched (``checkpoints/`` folders skipped); a file is taken as
+    it is. Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a path
+    under which no dictionary was found.
+    """
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"no dictionary folder or file at {path}")
+        if path.is_file():
+            found[path] = None
+            continue
+        before = len(found)
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            if any(m in files for m in MARKERS):
+                found[Path(root)] = None
+        if len(found) == before:
+            raise ValueError(f"no dictionary found under {path}: expected a folder holding "
+                             f"{WEIGHTS_NAME} (or a SAELens/sparsify weights file)")
+    return list(found)
+
+
+def published_component(path: str | os.PathLike) -> str | None:
+    """The published-layout component (``mlp_out_layer1``, ``embed``, ...) that names the
+    folder ``path`` or one of its two parents, else ``None``."""
+    parts = Path(path).resolve().parts
+    for part in reversed(parts[-3:]):
+        if COMPONENT_RE.match(part):
+            return part
+    return None
+
+
+def published_submodule(component: str) -> str:
+    """The Pythia (GPTNeoX) submodule of a published component: ``embed`` ->
+    ``gpt_neox.embed_in``; ``{attn,mlp,resid}_out_layerN`` -> the output of
+    ``gpt_neox.layers.N.attention`` / ``.mlp`` / the layer itself."""
+    match = COMPONENT_RE.match(component)
+    if match is None:
+        raise ValueError(f"{component!r} is not a published component name")
+    if match.group(1) == "embed":
+        return "gpt_neox.embed_in"
+    return PUBLISHED_SUBMODULES[match.group(2)].format(int(match.group(3)))
+
+
+def folder_config(path: Path) -> dict:
+    """``config.json`` (ours) or ``cfg.json`` (SAELens, sparsify) of a dictionary location."""
+    folder = path if path.is_dir() else path.parent
+    config = read_config(folder)
+    if not config and (folder / "cfg.json").is_file():
+        try:
+            config = json.loads((folder / "cfg.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{folder / 'cfg.json'} is not valid JSON: {e}") from e
+    return config
+
+
+def _first(section: dict, *keys):
+    return next((section[k] for k in keys if section.get(k) is not None), None)
+
+
+def read_target(path: str | os.PathLike, config: dict | None = None, **overrides) -> Target:
+    """Where the dictionary at ``path`` reads its activations, from (in order of precedence)
+    ``overrides`` (``model``, ``submodule``, ``io``, ``ctx_len``; ``None`` = not given),
+    ``config.json`` and the published folder layout."""
+    path = Path(path)
+    config = folder_config(path) if config is None else config
+    nested = "trainer" in config
+    trainer = config.get("trainer", config)
+    buffer = config.get("buffer", {} if nested else config)
+    metadata = config.get("metadata", {})  # SAELens v6
+    model = _first(trainer, "lm_name", "model_name", "lm") or metadata.get("model_name")
+    submodule = _first(trainer, "submodule_name", "submodule") or buffer.get("submodule_name")
+    source = f"{CONFIG_NAME} ({'nested' if nested else 'flat'})" if config else "command line"
+    component = published_component(path)
+    if component is not None and submodule is None:
+        submodule = published_submodule(component)
+        model = model or PUBLISHED_MODEL
+        source = f"published layout ({component})"
+    target = Target(model=model, submodule=submodule, io=buffer.get("io") or "out",
+                    ctx_len=int(_first(buffer, "ctx_len", "context_size") or 128), source=source)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(target, **given) if given else target
+
+
+def open_dictionary(path: str | os.PathLike, device: str = "cpu", dict_class: str | None = None,
+                    **widths):
+    """``(dictionary, config)`` of a dictionary location. ``dict_class`` forces the class of
+    an ``ae.pt`` whose config names none (or names another); widths are checked as by
+    :func:`load_dictionary`."""
+    path = Path(path)
+    widths = {k: v for k, v in widths.items() if v is not None}
+    if dict_class is None:
+        return load_dictionary(path, device=device, **widths)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    dictionary = get_dictionary_class(dict_class).from_state_dict(read_state_dict(weights),
+                                                                  **widths)
+    for name, value in widths.items():
+        if getattr(dictionary, name, value) != value:
+            raise ValueError(f"{weights}: {name} is {getattr(dictionary, name)} in the weights, "
+                             f"not {value} as given")
+    return dictionary.to(device), read_config(weights.parent)
+
+
+def check_widths(dictionary, buffer: ActivationBuffer, where: str) -> None:
+    """Raise a ``ValueError`` naming both widths when the dictionary does not fit the
+    activations the buffer collects."""
+    widths = buffer.d_submodule
+    d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
+    want_in = getattr(dictionary, "activation_dim", d_in)
+    want_out = getattr(dictionary, "output_dim", want_in)
+    if (want_in, want_out) != (d_in, d_out):
+        got = f"{d_in}" if d_in == d_out else f"{d_in} in, {d_out} out"
+        want = f"{want_in}" if want_in == want_out else f"{want_in} in, {want_out} out"
+        raise ValueError(f"width mismatch: {where} expects activations of width {want}, but "
+                         f"{buffer.submodule_name} ({buffer.io}) has width {got}; pick the "
+                         "submodule the dictionary was trained on (--submodule)")
+
+
+def _take(batches: Iterator, n_rows: int) -> Iterator:
+    """The first ``n_rows`` rows of a stream of batches (tensors or tuples of tensors); no
+    batch is drawn once they are served (a buffer would read more text for it)."""
+    left = n_rows
+    while left > 0:
+        batch = next(batches, None)
+        if batch is None:
+            return
+        rows = batch[0].shape[0] if isinstance(batch, tuple) else batch.shape[0]
+        if rows > left:
+            batch = tuple(b[:left] for b in batch) if isinstance(batch, tuple) else batch[:left]
+        left -= min(rows, left)
+        yield batch
+
+
+@torch.no_grad()
+def measure(dictionary, model, target: Target, texts: Iterable[str], n_tokens: int = 16384,
+            n_loss_texts: int = 64, batch_size: int = 32, rows_per_batch: int = 1024,
+            loss: bool = True, seed: int = 0, device: str = "cpu", where: str = "dictionary"
+            ) -> dict:
+    """Metrics of one dictionary on held-out ``texts``.
+
+    An :class:`ActivationBuffer` of ``ceil(n_tokens / ctx_len)`` contexts (seeded with
+    ``seed``, ``batch_size`` texts per forward pass) serves ``n_tokens`` shuffled real-token
+    activations for :func:`reconstruction_metrics`; then, unless ``loss`` is false,
+    :func:`loss_recovered` runs on the next ``n_loss_texts`` texts of the same stream.
+    Returns the reconstruction metrics (``feature_frequencies`` included) and the loss
+    metrics, with ``n_loss_tokens``.
+    """
+    torch.manual_seed(seed)
+    n_ctxs = max(1, math.ceil(n_tokens / target.ctx_len))
+    buffer = ActivationBuffer(texts, model, target.submodule, io=target.io, n_ctxs=n_ctxs,
+                              ctx_len=target.ctx_len, refresh_batch_size=batch_size,
+                              out_batch_size=min(rows_per_batch, n_tokens), device=device,
+                              progress=False)
+    check_widths(dictionary, buffer, where)
+    metrics = reconstruction_metrics(dictionary, _take(buffer, n_tokens))
+    if metrics["n_tokens"] < n_tokens:
+        logger.warning("%s: the text ran out after %d of %d tokens", where,
+                       metrics["n_tokens"], n_tokens)
+    if not loss:
+        return metrics
+    loss_texts = buffer.text_batch(n_loss_texts)
+    if not loss_texts:
+        raise ValueError("the text ran out before the loss-recovered texts: pass more data, "
+                         "fewer --n-tokens, or --no-loss")
+    result = loss_recovered(loss_texts, model, target.submodule, dictionary, io=target.io,
+                            ctx_len=target.ctx_len, batch_size=batch_size)
+    result["n_loss_tokens"] = result.pop("n_tokens")
+    return {**metrics, **result}
+
+
+def assess(paths: list[Path], open_model: Callable[[str], object],
+           open_texts: Callable[[], Iterable[str]], overrides: dict | None = None,
+           device: str = "cpu", dict_class: str | None = None, widths: dict | None = None,
+           **measure_kwargs) -> Iterator[tuple[Path, Target, dict, dict]]:
+    """Measure every dictionary in ``paths`` (from :func:`find_dictionaries`); yields
+    ``(path, target, metrics, info)`` per dictionary, grouped by model (first-seen order),
+    where ``info`` holds the class name and widths.
+
+    Targets are read first, so a dictionary with no known model or submodule fails before
+    any model loads; each distinct model is then loaded once with ``open_model(name)`` and
+    reused. ``open_texts()`` gives a fresh held-out stream per dictionary, so all see the
+    same text.
+    """
+    targets = {p: read_target(p, **(overrides or {})) for p in paths}
+    for path, target in targets.items():
+        missing = [k for k in ("model", "submodule") if getattr(target, k) is None]
+        if missing:
+            raise ValueError(f"{path}: cannot tell which {' and '.join(missing)} this "
+                             f"dictionary was trained on (no {CONFIG_NAME} says so): pass "
+                             + " and ".join(f"--{k}" for k in missing))
+    by_model: dict[str, list[Path]] = {}
+    for path, target in targets.items():
+        by_model.setdefault(target.model, []).append(path)
+    for name, group in by_model.items():
+        model = open_model(name)
+        for path in group:
+            dictionary, _ = open_dictionary(path, device=device, dict_class=dict_class,
+                                            **(widths or {}))
+            metrics = measure(dictionary, model, targets[path], open_texts(), device=device,
+                              where=str(path), **measure_kwargs)
+            info = {"dict_class": type(dictionary).__name__,
+                    "activation_dim": getattr(dictionary, "activation_dim", None),
+                    "dict_size": getattr(dictionary, "dict_size", None)}
+            del dictionary
+            yield path, targets[path], metrics, info
+        del model

@@ -1,0 +1,138 @@
+"""``evaluate``: metrics of saved dictionaries on held-out text, one table row each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from itertools import islice
+from pathlib import Path
+
+from .common import format_table, load_model, open_texts, write_json
+
+DEFAULT_DATA = "monology/pile-uncopyrighted"
+
+
+def add_measure_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by the commands that measure saved dictionaries."""
+    p.add_argument("dict_dirs", nargs="+", metavar="DICT_DIR",
+                   help="a dictionary folder (ae.pt + optional config.json), a foreign-format "
+                   "dictionary, or a folder tree: every dictionary under it is measured")
+    g = p.add_argument_group("what the dictionaries read (default: what config.json records)")
+    g.add_argument("--model", help="HF hub id or local model folder")
+    g.add_argument("--submodule", help="dotted submodule path, e.g. gpt_neox.layers.1.mlp")
+    g.add_argument("--io", choices=("out", "in", "in_to_out"), help="submodule output, input "
+                   "or both (default: config's buffer.io, else out)")
+    g.add_argument("--ctx-len", type=int, help="tokens per context (default: config's "
+                   "buffer.ctx_len, else 128)")
+    g.add_argument("--activation-dim", type=int, help="width check, or the width of a "
+                   "weightless dictionary (IdentityDict)")
+    g.add_argument("--dict-size", type=int, help="number of features, checked against the weights")
+    g.add_argument("--dict-class", help="dictionary class of an ae.pt whose config.json names "
+                   "none, e.g. BatchTopKSAE (default: from config.json or the weights' keys)")
+    d = p.add_argument_group("held-out text")
+    d.add_argument("--data", default=DEFAULT_DATA, help="'stdlib', a local .jsonl/.jsonl.zst/"
+                   ".txt file or folder, or a HF dataset name (default: %(default)s, streamed)")
+    d.add_argument("--skip-texts", type=int, default=0, help="skip this many documents first, "
+                   "e.g. those a training run read (default: 0)")
+    d.add_argument("--n-tokens", type=int, default=16384,
+                   help="activations for the reconstruction metrics (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=32,
+                   help="texts per forward pass (default: %(default)s)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the activation sampling")
+
+
+def _texts(spec: str, skip: int):
+    texts = open_texts(spec)
+    return islice(texts, skip, None) if skip else texts
+
+
+def assessed(args: argparse.Namespace, loss: bool):
+    """``(paths, iterator of (path, target, metrics, info))`` for the parsed arguments."""
+    import torch
+
+    from ..assess import assess, find_dictionaries
+
+    if args.skip_texts < 0 or args.n_tokens < 1 or args.batch_size < 1:
+        raise ValueError("--skip-texts must be >= 0, --n-tokens and --batch-size >= 1")
+    paths = find_dictionaries(args.dict_dirs)
+    _texts(args.data, 0)  # a missing file or an unreachable hub fails before any model loads
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def open_model(name: str):
+        print(f"Loading {name} ...", file=sys.stderr)
+        return load_model(name, device=device, dtype=args.dtype)
+
+    overrides = {"model": args.model, "submodule": args.submodule, "io": args.io,
+                 "ctx_len": args.ctx_len}
+    widths = {"activation_dim": args.activation_dim, "dict_size": args.dict_size}
+    results = assess(paths, open_model, lambda: _texts(args.data, args.skip_texts),
+                     overrides=overrides, device=device, dict_class=args.dict_class,
+                     widths=widths, n_tokens=args.n_tokens,
+                     n_loss_texts=getattr(args, "n_loss_texts", 0), batch_size=args.batch_size,
+                     loss=loss, seed=args.seed)
+    return paths, results
+
+
+def display_name(path: Path, paths: list[Path]) -> str:
+    """``path`` relative to the common folder of ``paths`` (its own name when alone)."""
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath(resolved)) if len(paths) > 1 else resolved[0].parent
+    name = path.resolve().relative_to(root)
+    return str(name) if str(name) != "." else path.resolve().name
+
+
+def row(name: str, target, metrics: dict) -> dict:
+    r = {"dictionary": name, "submodule": f"{target.submodule} ({target.io})",
+         "MSE": metrics["mse"], "L1": metrics["l1"], "L0": metrics["l0"],
+         "% alive": 100 * metrics["frac_alive"], "FVE": metrics["frac_variance_explained"]}
+    if "frac_recovered" in metrics:
+        r.update({"% loss rec.": 100 * metrics["frac_recovered"],
+                  "loss clean": metrics["loss_clean"], "patched": metrics["loss_patched"],
+                  "zero": metrics["loss_zero"]})
+    r["tokens"] = metrics["n_tokens"]
+    if "n_loss_tokens" in metrics:
+        r["loss tokens"] = metrics["n_loss_tokens"]
+    return r
+
+
+def run(args: argparse.Namespace) -> int:
+    paths, results = assessed(args, loss=not args.no_loss)
+    rows, records = [], []
+    to_stdout = args.json == "-"
+    for path, target, metrics, info in results:
+        metrics.pop("feature_frequencies")
+        name = display_name(path, paths)
+        rows.append(row(name, target, metrics))
+        records.append({"dictionary": name, "path": str(path), **info, "model": target.model,
+                        "submodule": target.submodule, "io": target.io,
+                        "ctx_len": target.ctx_len, "target_from": target.source,
+                        "data": args.data, "skip_texts": args.skip_texts, **metrics})
+        if not to_stdout and len(paths) > 1:
+            print(f"evaluated {name} ({len(rows)}/{len(paths)})", file=sys.stderr)
+    if not to_stdout:
+        print(format_table(rows))
+    if args.json is not None:
+        write_json(records, args.json)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate saved dictionaries (MSE, L1, L0, %% alive, "
+                       "variance explained, %% loss recovered) on held-out text",
+                       description="Evaluate dictionary folders on held-out text: one table "
+                       "row per dictionary. Activation metrics use --n-tokens real tokens "
+                       "sampled from the documents of --data after the first --skip-texts; "
+                       "loss recovered uses the next --n-loss-texts documents.")
+    add_measure_arguments(p)
+    p.add_argument("--n-loss-texts", type=int, default=64, help="documents for the "
+                   "loss-recovered metric (default: %(default)s)")
+    p.add_argument("--no-loss", action="store_true", help="skip the loss metrics (no patched "
+                   "forward passes)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="also write the results as JSON to PATH; '--json' alone or '--json -' "
+                   "prints only JSON to stdout")
+    p.set_defaults(func=run)

@@ -1,0 +1,56 @@
+"""``histograms``: feature-frequency histograms of saved dictionaries, as PNG files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import format_table
+from .evaluate import add_measure_arguments, assessed, display_name
+
+
+def file_name(name: str) -> str:
+    """A flat file name for a dictionary's display name (``a/b/c`` -> ``a__b__c``)."""
+    return name.replace("/", "__").replace("\\", "__") + ".png"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import feature_frequency_histogram
+    from ..frequency_plots import frequency_grid
+
+    out = Path(args.out)
+    paths, results = assessed(args, loss=False)
+    rows, panels = [], {}
+    for path, target, metrics, info in results:
+        name = display_name(path, paths)
+        freqs = metrics.pop("feature_frequencies")
+        title = f"{name}\n{target.submodule}, {info['activation_dim']}->{info['dict_size']}"
+        if args.grid:
+            panels[title] = freqs
+            written = out / args.grid_name
+        else:
+            written = feature_frequency_histogram(freqs, out / file_name(name), title=title)
+        rows.append({"dictionary": name, "% alive": 100 * metrics["frac_alive"],
+                     "L0": metrics["l0"], "tokens": metrics["n_tokens"], "png": str(written)})
+        print(f"measured {name} ({len(rows)}/{len(paths)})", file=sys.stderr)
+    if args.grid:
+        frequency_grid(panels, out / args.grid_name, columns=args.columns)
+    print(format_table(rows))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("histograms", help="write feature-frequency histograms (one PNG per "
+                       "dictionary, or one grid) for dictionary folders",
+                       description="Measure how often each feature fires on --n-tokens "
+                       "held-out tokens and write log-frequency histograms: one PNG per "
+                       "dictionary (named after its path relative to the common folder), or "
+                       "one grid PNG with --grid.")
+    add_measure_arguments(p)
+    p.add_argument("--out", default="histograms", help="output folder (default: %(default)s)")
+    p.add_argument("--grid", action="store_true", help="one PNG with a panel per dictionary")
+    p.add_argument("--grid-name", default="feature_frequencies_grid.png",
+                   help="file name of the grid (default: %(default)s)")
+    p.add_argument("--columns", type=int, default=None, help="grid columns (default: up to 4)")
+    p.set_defaults(func=run)
