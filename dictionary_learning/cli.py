@@ -49,6 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 2 if not isinstance(e, CLIError) else e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where its checkpoint is
+        print(f"{e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -1,0 +1,286 @@
+"""A whole training run from names: model, submodule, text, architectures and sweeps.
+
+:class:`TrainRun` describes a run in plain values (what ``python -m dictionary_learning
+train`` takes, one field per option); :func:`run_training` opens the model and the text,
+keeps the first ``eval_texts`` documents aside, trains every dictionary of the sweep from
+one activation stream, and evaluates each on the held-out documents::
+
+    model, text -> held-out docs | training docs -> ActivationBuffer -> train_dictionaries
+                        │                                                    │
+                        └────────────> evaluate (same activations for all) <─┘
+
+The run folder holds ``train_args.json`` (this run's :class:`TrainRun`, which ``resume``
+reads back), and per dictionary (``save_dir`` or ``save_dir/trainer_{i}``) ``ae.pt``,
+``config.json``, ``metrics.jsonl``, checkpoints, ``eval.json`` and
+``feature_frequencies.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .registry import DICTIONARY_CLASSES
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    "relu": "AutoEncoder",
+    "topk": "AutoEncoderTopK",
+    "batchtopk": "BatchTopKSAE",
+    "jumprelu": "JumpReluAutoEncoder",
+    "gated": "GatedAutoEncoder",
+    "matryoshka": "MatryoshkaBatchTopKSAE",
+    "new": "AutoEncoderNew",
+    "stretcher": "MLPStretcher",
+}
+"""Short ``--arch`` names; registered class names are accepted too."""
+
+_TOPK_FAMILY = {"AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"}
+_THRESHOLD_ESTIMATED = {"BatchTopKSAE", "MatryoshkaBatchTopKSAE"}
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run. Tuple fields are sweeps: every combination is trained, from one
+    activation stream, each saved in ``save_dir/trainer_{i}``."""
+
+    model: str = _opt("EleutherAI/pythia-70m-deduped",
+                      "HF hub id or local folder of the language model; 'demo' is the small "
+                      "offline model trained here once and cached")
+    submodule: str = _opt("1.mlp", "dotted path (gpt_neox.layers.1.mlp) or LAYER.COMPONENT "
+                          "with COMPONENT in mlp, attn, resid; or 'embed'")
+    io: str = _opt("out", "which activation: out, in, or in_to_out (MLP stretcher)")
+    data: str = _opt("monology/pile-uncopyrighted",
+                     "HF dataset name (streamed), a local .jsonl/.jsonl.zst/.txt file or "
+                     "folder, or 'stdlib' (the standard library's docstrings, offline)")
+    text_field: str = _opt("text", "field of a JSON row or dataset column holding the text")
+    arch: tuple[str, ...] = _opt(("relu",), "architectures: " + ", ".join(ARCHITECTURES)
+                                 + " (or class names)")
+    dict_size: tuple[int, ...] = _opt((), "dictionary sizes (overrides --expansion)")
+    expansion: tuple[int, ...] = _opt((16,), "dictionary size as a multiple of the width")
+    lr: tuple[float, ...] = _opt((1e-3,), "peak Adam learning rates")
+    sparsity_penalty: tuple[float, ...] = _opt(
+        (), "sparsity coefficients (L1 or entropy for relu/gated/new, L0 deviation for "
+        "jumprelu; TopK-family dictionaries have none). Default 1e-3 (jumprelu: 1)",
+        flags=("--l1",))
+    penalty: str = _opt("l1", "sparsity term of relu dictionaries: l1 or entropy")
+    k: tuple[int, ...] = _opt((32,), "active latents per token of TopK-family dictionaries")
+    target_l0: tuple[float, ...] = _opt((20.0,), "target L0 of jumprelu dictionaries")
+    group_fractions: tuple[float, ...] = _opt(
+        (0.125, 0.125, 0.25, 0.5), "matryoshka: nested group sizes as fractions of the size")
+    steps: int | None = _opt(None, "training steps (default: from --tokens, else until the "
+                             "text runs out)")
+    tokens: int | None = _opt(None, "training activations (steps = tokens / batch size)")
+    batch_size: int = _opt(4096, "activations per training batch")
+    ctx_len: int = _opt(128, "tokens per context")
+    n_ctxs: int = _opt(2000, "contexts held by the activation buffer")
+    refresh_batch_size: int = _opt(32, "texts per forward pass when refilling the buffer")
+    pack: bool = _opt(False, "pack documents into full ctx_len windows instead of "
+                      "truncating and padding each one")
+    warmup_steps: int = _opt(1000, "learning-rate warm-up steps")
+    decay_start: int | None = _opt(None, "step from which the learning rate decays to 0")
+    sparsity_warmup_steps: int | None = _opt(None, "warm-up steps of the sparsity penalty")
+    resample_steps: int | None = _opt(None, "resample dead features every this many steps")
+    normalize_activations: bool = _opt(False, "train on activations scaled to norm sqrt(d)")
+    save_steps: int | None = _opt(None, "checkpoint every this many steps (needed to resume)")
+    save_dir: str = _opt("runs/train", "output folder")
+    device: str = _opt("cpu", "device of the model and the dictionaries (cpu, cuda, ...)")
+    dtype: str = _opt("float32", "dtype of the model and of the stored activations")
+    seed: int = _opt(0, "seed of the dictionaries' initialisation and the buffer's shuffling")
+    eval_texts: int = _opt(256, "documents kept aside (from the start of the text) for "
+                           "evaluation; never trained on")
+    eval_loss_texts: int = _opt(64, "of those, how many the loss-recovered metric runs on")
+
+    def __post_init__(self):
+        for name in ("arch", "lr", "k"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: give at least one value")
+        for arch in self.arch:
+            dictionary_class(arch)
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give --steps or --tokens, not both")
+        for name in ("batch_size", "ctx_len", "n_ctxs", "refresh_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_texts < 1 or not 0 < self.eval_loss_texts <= self.eval_texts:
+            raise ValueError("need eval_texts >= 1 and 0 < eval_loss_texts <= eval_texts")
+        if abs(sum(self.group_fractions) - 1) > 1e-6 or min(self.group_fractions) <= 0:
+            raise ValueError(f"group_fractions must be positive and sum to 1, got "
+                             f"{self.group_fractions}")
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.steps if self.tokens is None else max(1, self.tokens // self.batch_size)
+
+    def replace(self, **changes) -> "TrainRun":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    "demo": dict(
+        model="demo", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
+        sparsity_penalty=(0.04,), steps=1200, batch_size=1024, ctx_len=64, n_ctxs=400,
+        refresh_batch_size=32, warmup_steps=100, resample_steps=300, save_steps=200,
+        save_dir="runs/demo", eval_texts=400, eval_loss_texts=200),
+}
+"""Named sets of defaults. ``demo`` needs no network: the small model trained here once
+and cached (:mod:`dictionary_learning.demo_lm`) and the standard library's docstrings."""
+
+ARGS_NAME = "train_args.json"
+
+
+def dictionary_class(arch: str) -> str:
+    """The registered class name of an ``--arch`` name (short or full)."""
+    name = ARCHITECTURES.get(arch.lower(), arch)
+    if name not in DICTIONARY_CLASSES:
+        raise ValueError(f"unknown architecture {arch!r}: use one of "
+                         f"{', '.join(ARCHITECTURES)} or a class name "
+                         f"({', '.join(sorted(DICTIONARY_CLASSES))})")
+    return name
+
+
+def trainer_configs(run: TrainRun, d_in: int, d_out: int):
+    """One :class:`~dictionary_learning.training.TrainerConfig` per combination of the
+    sweep's values that matter to its architecture (duplicates dropped, order kept)."""
+    from .training import TrainerConfig
+
+    sizes = run.dict_size or tuple(e * d_in for e in run.expansion)
+    configs = []
+    for arch, size, lr in itertools.product(run.arch, sizes, run.lr):
+        cls = dictionary_class(arch)
+        for extra, penalty in _variants(run, cls, size):
+            config = TrainerConfig(
+                activation_dim=d_in, dict_size=size, lr=lr, sparsity_penalty=penalty,
+                penalty=run.penalty if cls == "AutoEncoder" else "l1", dict_class=cls,
+                output_dim=d_out if cls == "MLPStretcher" else None, dict_kwargs=extra,
+                warmup_steps=run.warmup_steps, decay_start=run.decay_start,
+                sparsity_warmup_steps=run.sparsity_warmup_steps,
+                normalize_activations=run.normalize_activations,
+                resample_steps=run.resample_steps, seed=run.seed)
+            if config not in configs:
+                configs.append(config)
+    if d_in != d_out and any(c.dict_class != "MLPStretcher" for c in configs):
+        raise ValueError(f"io={run.io} maps width {d_in} to {d_out}: only the stretcher "
+                         "architecture (--arch stretcher) can be trained on it")
+    return configs
+
+
+def _variants(run: TrainRun, cls: str, size: int):
+    """``(dict_kwargs, sparsity_penalty)`` pairs of one architecture and size."""
+    if cls in _TOPK_FAMILY:
+        start = {} if run.total_steps is None or cls not in _THRESHOLD_ESTIMATED else {
+            "threshold_start_step": min(1000, run.total_steps // 4)}
+        for k in run.k:
+            extra = {"k": k, **start}
+            if cls == "MatryoshkaBatchTopKSAE":
+                groups = [max(1, round(f * size)) for f in run.group_fractions]
+                groups[-1] = size - sum(groups[:-1])
+                extra["group_sizes"] = groups
+            yield extra, 0.0
+    elif cls == "JumpReluAutoEncoder":
+        for target, penalty in itertools.product(run.target_l0, run.sparsity_penalty or (1.0,)):
+            yield {"target_l0": target}, penalty
+    else:
+        for penalty in run.sparsity_penalty or (1e-3,):
+            yield {}, penalty
+
+
+def open_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder."""
+    if name == "demo":
+        from .demo_lm import demo_language_model
+
+        return demo_language_model(device=device)
+    from .sources import load_model
+
+    return load_model(name, device=device, dtype=None if dtype == "float32" else dtype)
+
+
+class RunResult(NamedTuple):
+    """What a run leaves: the folders written and each dictionary's evaluation."""
+
+    folders: list[Path]
+    configs: list
+    metrics: list[dict]
+
+
+def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> RunResult:
+    """Train and evaluate every dictionary of ``run``; see the module docstring."""
+    from .buffer import ActivationBuffer
+    from .sources import open_texts
+    from .submodules import resolve_submodule, submodule_path
+    from .training import checkpoint_texts_read, train_dictionaries
+
+    save_dir = Path(run.save_dir)
+    n_saved = _saved_config_count(save_dir) if resume else None  # fails fast
+    torch.manual_seed(run.seed)
+    model = open_model(run.model, run.device, run.dtype)
+    submodule = submodule_path(model, run.submodule)
+    resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
+    texts = open_texts(run.data, text_field=run.text_field)
+    held_out = list(islice(texts, run.eval_texts))
+    if resume:
+        skip = checkpoint_texts_read(save_dir, n_saved) or 0
+        logger.info("resuming: skipping the %d training texts read before the checkpoint", skip)
+        texts = islice(texts, skip, None)
+    store_dtype = getattr(torch, run.dtype)
+    buffer = ActivationBuffer(texts, model, submodule, io=run.io, n_ctxs=run.n_ctxs,
+                              ctx_len=run.ctx_len, refresh_batch_size=run.refresh_batch_size,
+                              out_batch_size=run.batch_size, dtype=store_dtype, pack=run.pack,
+                              progress=progress)
+    widths = buffer.d_submodule
+    d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
+    configs = trainer_configs(run, d_in, d_out)
+    if n_saved is not None and n_saved != len(configs):
+        raise ValueError(f"{save_dir} holds {n_saved} dictionaries but these arguments "
+                         f"make {len(configs)}: resume with the arguments of that run")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / ARGS_NAME).write_text(json.dumps(dataclasses.asdict(run), indent=2) + "\n")
+    logger.info("training %d dictionar%s on %s of %s", len(configs),
+                "y" if len(configs) == 1 else "ies", submodule, run.model)
+    dictionaries = train_dictionaries(buffer, configs, steps=run.total_steps, save_dir=save_dir,
+                                      save_steps=run.save_steps, device=run.device,
+                                      progress=progress, resume=resume)
+    folders = ([save_dir] if len(configs) == 1
+               else [save_dir / f"trainer_{i}" for i in range(len(configs))])
+    from .held_out import evaluate_held_out
+
+    metrics = evaluate_held_out(dictionaries, folders, held_out, model, submodule, run,
+                                progress=progress)
+    return RunResult(folders, configs, metrics)
+
+
+def _saved_config_count(save_dir: Path) -> int:
+    if (save_dir / "trainer_0").is_dir():
+        return sum(1 for p in save_dir.glob("trainer_*") if p.is_dir())
+    if (save_dir / "checkpoints").is_dir():
+        return 1
+    raise ValueError(f"nothing to resume in {save_dir}: no checkpoints there (was the run "
+                     "started with --save-steps?)")
+
+
+def read_run_args(save_dir: str | Path) -> dict:
+    """The saved arguments of the run in ``save_dir`` (for resuming)."""
+    path = Path(save_dir) / ARGS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ARGS_NAME} in {save_dir}: is it the --save-dir of a "
+                                "run started by the train command?")
+    saved = json.loads(path.read_text())
+    fields = {f.name: f for f in dataclasses.fields(TrainRun)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        logger.warning("%s: ignoring unknown keys %s", path, unknown)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}

@@ -1,0 +1,168 @@
+"""The train command end to end on a local model folder and local text: outputs, the sweep,
+every architecture, held-out evaluation, resuming after a kill, Ctrl-C, and clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dictionary_learning import load_dictionary
+from dictionary_learning.cli import main
+from dictionary_learning.tiny import tiny_causal_lm, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--submodule", "1.mlp", "--expansion", "4", "--batch-size", "128", "--ctx-len", "32",
+         "--n-ctxs", "40", "--refresh-batch-size", "16", "--warmup-steps", "5",
+         "--eval-texts", "30", "--eval-loss-texts", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, texts):
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(texts[:200], 512)
+    tiny_causal_lm("pythia", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def train(model_dir, data_file, save_dir, *extra):
+    return main(["train", "--model", str(model_dir), "--data", str(data_file), "--save-dir",
+                 str(save_dir), *SMALL, *extra])
+
+
+def test_sweep_trains_saves_and_evaluates_on_held_out_text(model_dir, data_file, tmp_path,
+                                                           capsys, texts):
+    assert train(model_dir, data_file, tmp_path, "--l1", "1e-3,3e-3", "--steps", "12") == 0
+    out = capsys.readouterr().out
+    for i, penalty in enumerate((1e-3, 3e-3)):
+        folder = tmp_path / f"trainer_{i}"
+        assert f"{folder}" in out and f"l1={penalty:g}" in out
+        ae, config = load_dictionary(folder)
+        assert (ae.activation_dim, ae.dict_size) == (64, 256)
+        assert config["trainer"]["sparsity_penalty"] == penalty
+        assert config["run"]["finished"] and config["run"]["steps_done"] == 12
+        assert (folder / "feature_frequencies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        metrics = json.loads((folder / "eval.json").read_text())
+        # Held out: the first 30 documents, every real token of them (truncated to 32).
+        from dictionary_learning.sources import load_model
+        tokenizer = load_model(str(model_dir)).tokenizer
+        lengths = [min(32, len(tokenizer(t)["input_ids"])) for t in texts[:30]]
+        assert metrics["n_eval_texts"] == 30 and metrics["n_tokens"] == sum(lengths)
+        assert f"{metrics['n_tokens']:,} tokens" in out
+    args = json.loads((tmp_path / "train_args.json").read_text())
+    assert args["sparsity_penalty"] == [1e-3, 3e-3] and args["model"] == str(model_dir)
+
+
+def test_every_architecture_trains_through_the_command(model_dir, data_file, tmp_path):
+    archs = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "new"]
+    assert train(model_dir, data_file, tmp_path, "--arch", ",".join(archs), "--k", "8",
+                 "--steps", "8") == 0
+    expected = ["AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder",
+                "GatedAutoEncoder", "MatryoshkaBatchTopKSAE", "AutoEncoderNew"]
+    for i, name in enumerate(expected):
+        ae, _ = load_dictionary(tmp_path / f"trainer_{i}")
+        assert type(ae).__name__ == name
+        assert json.loads((tmp_path / f"trainer_{i}" / "eval.json").read_text())["l0"] > 0
+    assert "k" in load_dictionary(tmp_path / "trainer_1")[1]["trainer"]
+
+
+def test_stretcher_trains_on_mlp_input_to_output(model_dir, data_file, tmp_path):
+    assert train(model_dir, data_file, tmp_path, "--arch", "stretcher", "--io", "in_to_out",
+                 "--steps", "6") == 0
+    ae, _ = load_dictionary(tmp_path)
+    assert type(ae).__name__ == "MLPStretcher" and ae.output_dim == 64
+
+
+def _start(model_dir, data_file, save_dir, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dictionary_learning", "train", "--model", str(model_dir),
+         "--data", str(data_file), "--save-dir", str(save_dir), *SMALL, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+def test_interrupted_run_resumes_to_the_final_step(model_dir, data_file, tmp_path, how):
+    steps = "400"
+    proc = _start(model_dir, data_file, tmp_path, "--steps", steps, "--save-steps", "2")
+    _wait_for(tmp_path / "checkpoints" / "trainer_state_2.pt", proc)
+    if how == "kill":
+        proc.kill()
+        proc.communicate()
+    else:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "continue it with: --resume" in err
+    done = max(int(p.stem.rsplit("_", 1)[1])
+               for p in (tmp_path / "checkpoints").glob("trainer_state_*.pt"))
+    assert 2 <= done < 400
+    # The checkpoint loads alone, and the run continues from it to the end.
+    load_dictionary(tmp_path / "checkpoints" / f"ae_{done}.pt")
+    assert main(["train", "--resume", "--save-dir", str(tmp_path), "--steps", str(done + 4),
+                 "--no-progress"]) == 0
+    ae, config = load_dictionary(tmp_path)
+    assert config["run"]["finished"] and config["run"]["steps_done"] == done + 4
+    assert torch.isfinite(ae.decoder.weight).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--submodule", "gpt_neox.layers.1.mpl"], "nearest names: gpt_neox.layers.1.mlp"),
+    (["--submodule", "7.mlp"], "the model has 2 layers"),
+    (["--data", "missing/docs.jsonl"], "no data file or folder at missing/docs.jsonl"),
+    (["--arch", "sparsest"], "unknown architecture 'sparsest'"),
+    (["--l1", "1e-3,x"], None),
+])
+def test_bad_input_is_one_clear_line(model_dir, data_file, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if message is None else _no_raise():
+        code = train(model_dir, data_file, tmp_path, "--steps", "2", *args)
+        assert code == 2
+    err = capsys.readouterr().err
+    if message is None:
+        assert "comma-separated float values" in err
+    else:
+        assert err.strip().splitlines()[-1].startswith("error: ") and message in err
+        assert "Traceback" not in err
+
+
+def test_hub_model_offline_and_resume_mistakes(tmp_path, capsys, model_dir, data_file):
+    assert main(["train", "--model", "EleutherAI/pythia-70m-deduped", "--data", "stdlib",
+                 "--no-progress"]) == 2
+    assert "could not fetch model 'EleutherAI/pythia-70m-deduped'" in capsys.readouterr().err
+    assert main(["train", "--resume", "--save-dir", str(tmp_path)]) == 2
+    assert "no train_args.json" in capsys.readouterr().err
+    assert train(model_dir, data_file, tmp_path, "--steps", "2") == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--save-dir", str(tmp_path), "--lr", "1"]) == 2
+    assert "cannot change --lr" in capsys.readouterr().err
+    assert main(["train", "--resume", "--save-dir", str(tmp_path)]) == 2
+    assert "nothing to resume in" in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
