@@ -14,6 +14,16 @@ from dictionary_learning.tiny import stdlib_texts, tiny_causal_lm, train_tokeniz
 D_MODEL = 64  # width of every hidden state of the tiny model (embed, attention, mlp, layer)
 
 
+_BUILT: dict[str, Path] = {}
+
+
+def shared_model_folder(tmp_path_factory) -> Path:
+    """One :func:`build_model_folder` per test session, shared by the test modules."""
+    if "model" not in _BUILT:
+        _BUILT["model"] = build_model_folder(tmp_path_factory.mktemp("tiny_model") / "model")
+    return _BUILT["model"]
+
+
 def build_model_folder(folder: Path) -> Path:
     """A tiny Pythia-architecture model and its tokenizer, saved with save_pretrained."""
     texts = list(islice(stdlib_texts(), 300))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import (D_MODEL, FLAT_CONFIG, build_model_folder, nested_config,
-                         save_dictionary, write_jsonl)
+from cli_helpers import (D_MODEL, FLAT_CONFIG, nested_config, save_dictionary,
+                         shared_model_folder, write_jsonl)
 from dictionary_learning import (ActivationBuffer, AutoEncoder, loss_recovered,
                                  reconstruction_metrics)
 from dictionary_learning.assess import published_submodule, read_target
@@ -26,7 +26,7 @@ SMALL = ["--n-tokens", "600", "--n-loss-texts", "8", "--batch-size", "8"]
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_evaluate")
-    model_dir = build_model_folder(root / "model")
+    model_dir = shared_model_folder(tmp_path_factory)
     texts = write_jsonl(root / "heldout.jsonl")
     torch.manual_seed(1)
     ae = AutoEncoder(D_MODEL, 128)
