@@ -6,6 +6,7 @@ Layout (upstream's, so its own loader reads our folders)::
       ae.pt                            state_dict of the final dictionary
       config.json                      {"trainer": {...}, "buffer": {...}, "run": {...}}
       metrics.jsonl                    one line of logged loss terms per logged step
+      training_curves.png              those lines plotted (at each checkpoint and the end)
       checkpoints/ae_{step}.pt         bare state_dicts
       checkpoints/trainer_state_{step}.pt   what resuming needs: the training-time
                                        dictionary, optimizer, counters, step, stream position
@@ -162,8 +163,21 @@ class CheckpointWriter:
                          "texts_read": -1 if texts_read is None else texts_read},
                         folder / f"trainer_state_{step}.pt")
         self._write_config(step, n_tokens, finished=False)
+        self.plot_curves()
+
+    def plot_curves(self) -> None:
+        """``training_curves.png`` from ``metrics.jsonl`` (nothing before the first log)."""
+        from .dashboards import plot_training_curves
+
+        metrics = self.folder / "metrics.jsonl"
+        if metrics.is_file():
+            plot_training_curves(metrics, self.folder / "training_curves.png",
+                                 title=f"{self.trainer.config.dict_class} "
+                                       f"{self.trainer.config.activation_dim}->"
+                                       f"{self.trainer.config.dict_size}")
 
     def finish(self, step: int, n_tokens: int, buffer_config: dict) -> None:
         self.buffer_config = buffer_config
         save_state_dict(self.trainer.raw_dictionary().state_dict(), self.folder / WEIGHTS_NAME)
         self._write_config(step, n_tokens, finished=True)
+        self.plot_curves()

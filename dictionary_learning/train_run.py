@@ -103,6 +103,8 @@ class TrainRun:
     eval_texts: int = _opt(256, "documents kept aside (from the start of the text) for "
                            "evaluation; never trained on")
     eval_loss_texts: int = _opt(64, "of those, how many the loss-recovered metric runs on")
+    wandb: str | None = _opt(None, "log to this Weights & Biases project (needs wandb; "
+                             "WANDB_MODE=offline works without network)")
 
     def __post_init__(self):
         for name in ("arch", "lr", "k"):
@@ -253,7 +255,8 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
                 "y" if len(configs) == 1 else "ies", submodule, run.model)
     dictionaries = train_dictionaries(buffer, configs, steps=run.total_steps, save_dir=save_dir,
                                       save_steps=run.save_steps, device=run.device,
-                                      progress=progress, resume=resume)
+                                      progress=progress, resume=resume,
+                                      wandb_project=run.wandb)
     folders = ([save_dir] if len(configs) == 1
                else [save_dir / f"trainer_{i}" for i in range(len(configs))])
     from .held_out import evaluate_held_out

@@ -19,6 +19,7 @@ Other architectures name their own terms (TopK: ``mse`` + ``auxk``; JumpReLU: ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import signal
 import threading
@@ -407,7 +408,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        save_steps: int | Iterable[int] | None = None,
                        log_steps: int | None = None, device: str | torch.device = "cpu",
                        run_info: dict | None = None, progress: bool = True,
-                       resume: bool = False) -> list[Dictionary]:
+                       resume: bool = False, wandb_project: str | None = None
+                       ) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
     ``activations`` yields tensors ``[B, d]``, ``(x_in, x_out)`` pairs, or — from a buffer
@@ -426,6 +428,10 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     text already read (``texts_read`` in the trainer state; :func:`checkpoint_texts_read`).
     Ctrl-C finishes the current step, writes a checkpoint and raises
     :class:`TrainingInterrupted`.
+
+    Every logged step goes to each folder's ``metrics.jsonl`` (plotted into
+    ``training_curves.png`` at checkpoints and at the end) and, with ``wandb_project``, to
+    one Weights & Biases run (``WANDB_MODE=offline`` works without network).
     """
     if not configs:
         raise ValueError("configs is empty: pass at least one TrainerConfig")
@@ -451,6 +457,13 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             resume_step=step if resume else None)
             for d, t in zip(_trainer_dirs(save_dir, len(configs)), trainers)]
     save_at = _save_schedule(save_steps)
+    wandb = None
+    if wandb_project is not None:
+        from .dashboards import WandbLogger
+
+        wandb = WandbLogger(wandb_project, run_name=Path(save_dir).name if save_dir else None,
+                            config={"trainers": [dataclasses.asdict(c) for c in configs],
+                                    "buffer": buffer_config})
 
     def checkpoint():
         for w in writers:
@@ -476,13 +489,15 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                 bar.update(1)
                 if step % log_every == 0 or step == first_step + 1:
                     _log(step, n_tokens - start_tokens, results, bar, writers, log_steps,
-                         n_tokens)
+                         n_tokens, wandb)
                 if save_at(step) or (interrupt.requested and writers):
                     checkpoint()
                 if interrupt.requested:
                     raise TrainingInterrupted(step, [w.folder for w in writers])
     finally:
         bar.close()
+        if wandb is not None:
+            wandb.finish()
     if steps is not None and step < steps:
         logger.warning("activations ran out after %d of %d steps", step, steps)
     for w in writers:
@@ -498,7 +513,7 @@ def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | No
     return None if texts < 0 else texts
 
 
-def _log(step, tokens_this_run, results, bar, writers, log_steps, n_tokens) -> None:
+def _log(step, tokens_this_run, results, bar, writers, log_steps, n_tokens, wandb) -> None:
     logged = [Trainer.summary(r) for r in results]
     elapsed = bar.format_dict["elapsed"] or float("nan")
     bar.set_postfix(loss=f"{logged[0]['loss']:.4g}", mse=f"{logged[0]['mse']:.4g}",
@@ -509,6 +524,8 @@ def _log(step, tokens_this_run, results, bar, writers, log_steps, n_tokens) -> N
                         " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
         if writers:
             writers[i].log(step, n_tokens, entry)
+        if wandb is not None:
+            wandb.log(step, {"activations": n_tokens, **entry}, trainer_index=i)
 
 
 def _save_schedule(save_steps):
