@@ -203,9 +203,9 @@ def _variants(run: TrainRun, cls: str, size: int):
 def open_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder."""
     if name == "demo":
-        from .demo_lm import demo_language_model
+        from . import demo_lm
 
-        return demo_language_model(device=device)
+        return demo_lm.demo_language_model(device=device, config=demo_lm.DEMO_LM_CONFIG)
     from .sources import load_model
 
     return load_model(name, device=device, dtype=None if dtype == "float32" else dtype)

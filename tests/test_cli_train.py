@@ -166,3 +166,24 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_demo_preset_runs_offline(tmp_path, monkeypatch, capsys):
+    """The README's main command, on a demo model made tiny for the test."""
+    from dictionary_learning import demo_lm
+
+    tiny = demo_lm.DemoLMConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=300,
+                                ctx_len=32, batch_size=4, steps=3, n_docs=200)
+    monkeypatch.setattr(demo_lm, "DEMO_LM_CONFIG", tiny)
+    monkeypatch.setenv("DL_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["train", "--preset", "demo", "--save-dir", str(tmp_path / "run"), "--steps",
+                 "4", "--n-ctxs", "20", "--eval-texts", "20", "--eval-loss-texts", "5",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Evaluation on held-out text (20 documents" in out
+    ae, config = load_dictionary(tmp_path / "run")
+    assert ae.dict_size == 8 * 32 and config["trainer"]["submodule_name"] == \
+        "gpt_neox.layers.1.mlp"
+    assert config["trainer"]["lm_name"] == str(demo_lm.demo_lm_path(tiny))
+    for name in ("training_curves.png", "feature_frequencies.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
