@@ -143,7 +143,9 @@ def test_page_is_served_and_self_contained(small):
     status, html, ctype = get(f"{url}/")
     assert status == 200 and ctype.startswith("text/html")
     html = html.decode()
-    local = re.findall(r'(?:src|href)="([^"]+)"', html)
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html)
+    local = [r for r in refs if r.startswith("/") and not r.startswith("//")]
+    assert set(refs) - set(local) <= {"data:,"}  # the empty favicon, inline
     assert "/static/app.js" in local and "/static/style.css" in local
     texts = {"/": html}
     for path in local:

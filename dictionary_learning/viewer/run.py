@@ -28,7 +28,7 @@ def _read_json(path: Path, default=None):
             return default
         raise FileNotFoundError(f"{path} is missing: is this a run folder written by analyze?")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-run analyze to rewrite it") from e
 

@@ -8,7 +8,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";  // a namespace name, not fetched
 
 const state = {
   metadata: null, metric: null, ranking: [], rankOf: new Map(), selected: null,
-  request: 0, listReadyMs: null,
+  request: 0, listReadyMs: null, info: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -108,6 +108,7 @@ async function loadRanking(metric) {
   $("value-head").textContent = metric;
   renderList();
   if (state.selected !== null) scrollToFeature(state.selected);
+  if (state.info) renderFeature(state.info);  // its rank under the new metric
   updateHash();
 }
 
@@ -188,13 +189,19 @@ function logitBlock(effects) {
        effectsTable("suppressed", effects.suppressed, "suppressed"))];
   if (effects.ablation) {
     const ab = effects.ablation;
-    parts.push(el("p", { className: "note" }, `Ablating the feature in ${fmt(ab.n_contexts)} ` +
-                  "contexts: change in next-token log-probability."),
+    const about = (state.metadata && state.metadata.ablation_note) ||
+      "log p(clean) − log p(ablated) of the next token; positive: the feature raises it";
+    parts.push(el("h3", {}, `Ablation over ${fmt(ab.n_contexts)} contexts`),
+      el("p", { className: "note" }, about),
       el("div", { className: "logits ablation" },
          effectsTable("raised by the feature", ab.promoted, "promoted"),
          effectsTable("lowered by the feature", ab.suppressed, "suppressed")));
   }
   return parts;
+}
+
+function note(text) {
+  return text ? el("p", { className: "note" }, String(text)) : null;
 }
 
 function renderFeature(info) {
@@ -210,13 +217,16 @@ function renderFeature(info) {
   const scale = info.max_activation || Math.max(0, ...tops.map((c) => c.max || 0));
   const hist = info.histogram;
   const detail = $("detail");
-  detail.replaceChildren(
+  detail.replaceChildren(...[
     el("h2", {}, `Feature ${info.id}`), stats,
+    note("Token colour: activation / the feature's max; outlined: the context's peak; hover " +
+         "a token for its value."),
     el("h3", {}, "Activation histogram"),
     hist ? histogram(hist) : el("p", { className: "muted" }, "no histogram in this run"),
+    note(state.metadata && state.metadata.histogram_note),
     ...contextsBlock("Top contexts", tops, scale, "top"),
     ...contextsBlock("Random contexts", info.random_contexts || [], scale, "random"),
-    ...logitBlock(info.logit_effects || {}));
+    ...logitBlock(info.logit_effects || {})].filter(Boolean));
   detail.dataset.feature = String(info.id);
 }
 
@@ -228,6 +238,7 @@ async function selectFeature(id) {
   try {
     const info = await getJSON(`/api/feature_info?id=${id}`);
     if (ticket !== state.request) return;  // a later click won
+    state.info = info;
     renderFeature(info);
     showError("");
   } catch (e) {
