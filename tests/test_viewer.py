@@ -229,8 +229,11 @@ def test_ten_thousand_features_load_fast(tmp_path):
         timings = {"open_run_s": time.perf_counter() - start}
         for name, path in [("page_s", "/"), ("app_js_s", "/static/app.js"),
                            ("metadata_s", "/api/metadata"),
+                           ("features_default_s", "/api/features"),  # ranked at start
                            ("features_first_s", "/api/features?metric=max_activation"),
                            ("features_again_s", "/api/features?metric=max_activation"),
+                           ("features_page_s", "/api/features?metric=density&offset=9000"
+                                               "&limit=100"),
                            ("feature_info_s", "/api/feature_info?id=9998")]:
             t = time.perf_counter()
             status = get(url + path)[0]

@@ -4,6 +4,7 @@ heat-maps, logit effects) and a JSON API."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import CLIError
 
@@ -20,6 +21,9 @@ def viewer(args: argparse.Namespace) -> int:
         raise CLIError(f"could not listen on {args.host}:{args.port} ({e.strerror or e}); "
                        "pass another --port, or --port 0 for a free one") from e
     run = server.run
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can read "
+              "the run", file=sys.stderr)
     print(f"Serving {run.path} ({run.size:,} features, metrics: {', '.join(run.metrics)})")
     print(f"Open {server.url} in a browser; Ctrl+C stops the server.", flush=True)
     serve_until_interrupted(server)

@@ -189,6 +189,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     Start it with ``server.serve_forever()`` (or :func:`serve`); stop with ``shutdown()``."""
     run = Run(find_run(run_dir, run_name))
     server = ViewerServer(run, host, port)
+    if run.metrics:  # the page's first request: rank now, not while the user waits
+        server.ranked_page(run.metrics[0], 0, None)
     logger.info("serving %s (%d features) at %s", run.path, run.size, server.url)
     return server
 
