@@ -1,8 +1,10 @@
-"""Reading dictionaries from disk: ``ae.pt`` (a state_dict) plus an optional ``config.json``.
+"""Reading dictionaries from disk, whatever tool wrote them.
 
-``load_dictionary(path)`` accepts the folder or the ``.pt`` file and returns
-``(dictionary, config)``. Files are read with ``torch.load(weights_only=True)``: a pickle
-that would run code is refused, never executed.
+``load_dictionary(path)`` recognises the format and returns ``(dictionary, config)``: our own
+folders (``ae.pt`` state_dict plus an optional ``config.json``, as saprmarks/dictionary_learning
+writes them), SAELens and sparsify folders, mats_sae_training and OpenAI ``.pt`` files (the
+converters live in ``formats/``). Pickles are read with ``torch.load(weights_only=True)``: a
+pickle that would run code is refused, never executed.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
 
 from . import architectures  # noqa: F401 - registers every dictionary class
+from . import formats
+from .formats.common import load_into, read_pickle
 from .registry import get_dictionary_class
 
 logger = logging.getLogger(__name__)
@@ -37,13 +40,10 @@ def _weights_path(path: str | os.PathLike) -> Path:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state_dict in an ``ae.pt`` file (or the folder holding one), on CPU."""
     path = _weights_path(path)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain state_dict (refused to unpickle arbitrary "
-                         f"objects): {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} could not be read (truncated or not a torch file?): {e}") from e
+    return _check_state_dict(read_pickle(path), path)
+
+
+def _check_state_dict(state_dict, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} does not hold a state_dict of tensors")
@@ -99,19 +99,59 @@ def _class_name(config: dict, state_dict: dict) -> str:
 
 
 def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, **widths):
-    """Load a dictionary folder (or its ``ae.pt``) as ``(dictionary, config)``.
+                    dtype: torch.dtype | None = None, **options):
+    """Load any supported dictionary as ``(dictionary, config)``, on ``device``.
 
-    The class comes from ``config.json`` when there is one (upstream's nested schema or the
-    older flat one); otherwise it is recognised from the state_dict's keys. Widths are read
-    off the tensor shapes; ``widths`` (e.g. ``activation_dim=512``) are checked against them,
-    and are needed only for weightless dictionaries such as ``IdentityDict``.
+    ``path`` is a folder or a file of one of these formats (``formats/`` for the foreign ones):
+
+    - ours / saprmarks: a folder with ``ae.pt`` (+ ``config.json``), or the ``ae.pt`` file;
+      ``options`` are widths (e.g. ``activation_dim=512``) checked against the weights;
+    - SAELens: a folder with ``cfg.json`` + ``sae_weights.safetensors``; option
+      ``norm_scaling_factor`` (see ``formats.saelens``);
+    - sparsify: a hookpoint folder (``cfg.json`` + ``sae.safetensors``) or a folder of them;
+      option ``hookpoint``;
+    - mats_sae_training and OpenAI ``.pt`` files.
+
+    ``config`` is plain data: for our folders the ``config.json`` contents (``{}`` when there
+    is none); for the others ``{"format": <name>, ...}`` with the file's own configuration.
     """
-    weights = _weights_path(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no dictionary at {path}")
+    name = formats.folder_format(path)
+    if name is not None:
+        dictionary, config = formats.FORMATS[name].load(path, **options)
+    elif path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"no dictionary weights in {path}: expected {WEIGHTS_NAME} (this project, "
+                "saprmarks/dictionary_learning), cfg.json + sae_weights.safetensors (SAELens) "
+                "or cfg.json + sae.safetensors (sparsify)")
+        dictionary, config = _load_own(weights, read_pickle(weights), options)
+    else:
+        obj = read_pickle(path)
+        name = formats.pickle_format(obj)
+        if name is not None:
+            dictionary, config = formats.FORMATS[name].convert(obj, path, **options)
+        else:
+            dictionary, config = _load_own(path, obj, options)
+    return dictionary.to(device=device, dtype=dtype), config
+
+
+def _load_own(weights: Path, obj, widths: dict):
+    """Our (saprmarks) format: the class comes from ``config.json`` when there is one
+    (upstream's nested schema or the older flat one), else from the state_dict's keys.
+    Widths are read off the tensor shapes; ``widths`` (e.g. ``activation_dim=512``) are
+    checked against them, and are needed only for weightless dictionaries (``IdentityDict``).
+    """
+    state_dict = _check_state_dict(obj, weights)
     config = read_config(weights.parent)
-    state_dict = read_state_dict(weights)
-    cls = get_dictionary_class(_class_name(config, state_dict))
-    dictionary = cls.from_state_dict(state_dict, **widths)
+    try:
+        cls = get_dictionary_class(_class_name(config, state_dict))
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from e
+    dictionary = load_into(cls, state_dict, weights, **widths)
     for name, value in widths.items():
         if getattr(dictionary, name, value) != value:
             raise ValueError(f"{weights}: {name} is {getattr(dictionary, name)} in the weights, "
@@ -121,4 +161,4 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
         if name in trainer and trainer[name] != getattr(dictionary, name):
             raise ValueError(f"{weights}: config.json says {name}={trainer[name]} but the "
                              f"weights have {getattr(dictionary, name)}")
-    return dictionary.to(device=device, dtype=dtype), config
+    return dictionary, config

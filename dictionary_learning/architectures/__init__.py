@@ -8,8 +8,10 @@ from .identity import IdentityDict
 from .jumprelu import JumpReluAutoEncoder
 from .matryoshka import MatryoshkaBatchTopKSAE
 from .stretcher import MLPStretcher
+from .token_normalized import TokenNormalizedSAE
 from .topk import AutoEncoderTopK
 
 __all__ = ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE",
            "GatedAutoEncoder", "IdentityDict", "JumpReluAutoEncoder", "MLPStretcher",
-           "MatryoshkaBatchTopKSAE"]
+           "MatryoshkaBatchTopKSAE",
+           "TokenNormalizedSAE"]

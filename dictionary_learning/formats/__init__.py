@@ -1,0 +1,55 @@
+"""Converters from other tools' dictionary files to this project's classes.
+
+One module per foreign format, each with ``detect(path) -> bool`` and
+``load(path, **options) -> (dictionary, config)``; formats stored as one pickle also offer
+``recognise(obj)`` and ``convert(obj, path, **options)`` so the file is read once.
+``loading.load_dictionary`` dispatches here; our own ``ae.pt`` folders stay in ``loading``.
+
+==================  ==========================================  =============================
+format              what is on disk                             recognised by
+==================  ==========================================  =============================
+saelens             ``cfg.json`` + ``sae_weights.safetensors``  the two file names
+sparsify            ``cfg.json`` + ``sae.safetensors``          the two file names (or a
+                                                                folder of hookpoint folders)
+mats_sae_training   one ``.pt``: ``{"cfg", "state_dict"}``      the pickle's two keys
+openai              one ``.pt``: ``pre_bias``, ``latent_bias``  those keys
+==================  ==========================================  =============================
+
+Export: ``saelens_export.save_saelens`` writes our dictionaries as SAELens folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import mats, openai, saelens, sparsify
+from .common import read_pickle
+from .saelens_export import save_saelens
+
+FORMATS = {saelens.NAME: saelens, sparsify.NAME: sparsify, mats.NAME: mats,
+           openai.NAME: openai}
+FOLDER_FORMATS = (saelens, sparsify)
+PICKLE_FORMATS = (mats, openai)
+OWN_WEIGHTS_NAME = "ae.pt"
+
+
+def folder_format(path: Path) -> str | None:
+    """The name of the folder format at ``path`` (a folder or its weights file), or ``None``
+    (our own ``ae.pt`` folders, single ``.pt`` files, nothing recognisable)."""
+    if path.is_dir() and (path / OWN_WEIGHTS_NAME).is_file():
+        return None
+    for module in FOLDER_FORMATS:
+        if module.detect(path):
+            return module.NAME
+    return None
+
+
+def pickle_format(obj) -> str | None:
+    """The name of the single-pickle format of an unpickled object, or ``None``."""
+    for module in PICKLE_FORMATS:
+        if module.recognise(obj):
+            return module.NAME
+    return None
+
+
+__all__ = ["FORMATS", "folder_format", "pickle_format", "read_pickle", "save_saelens"]

@@ -1,0 +1,109 @@
+"""Reading untrusted dictionary files safely, with one clear error per problem.
+
+Every reader names the file and what is wrong. Pickles (``.pt``) are read with
+``torch.load(weights_only=True)``: only tensors, plain containers, numbers and strings (plus
+the one allow-listed stub of ``MATS_CONFIG_CLASS``, which is inert) can come out; anything
+else is refused before it can run.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+MATS_CONFIG_CLASS = "sae_training.config.LanguageModelSAERunnerConfig"
+
+
+class MatsConfigStub:
+    """Stands in for mats_sae_training's config class while unpickling: the pickle can only
+    fill its ``__dict__`` (no method of the original class exists here to run)."""
+
+
+def _safe_globals():
+    """Allow-list the stub under the mats config class name (torch >= 2.5)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        raise ValueError("reading .pt files that name a config class needs torch >= 2.5 "
+                         "(torch.serialization.safe_globals); upgrade torch")
+    return safe_globals([(MatsConfigStub, MATS_CONFIG_CLASS)])
+
+
+def read_pickle(path: Path):
+    """The object in a ``torch.save`` file, read with ``weights_only=True`` on CPU."""
+    try:
+        with _safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to unpickle it: it holds objects other than "
+                         f"tensors and plain data, and loading it could run code ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} could not be read (truncated or not a torch file?): "
+                         f"{e}") from e
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a ``.safetensors`` file, on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} could not be read (truncated or not a safetensors "
+                         f"file?): {e}") from e
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def require_tensors(tensors: dict, shapes: dict[str, tuple], path: Path) -> None:
+    """Raise a ``ValueError`` naming ``path`` unless every named tensor exists with its shape
+    (``None`` in a shape means any size)."""
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing} (has {sorted(tensors)})")
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{path}: {name} should be a tensor, not {type(t).__name__}")
+        if t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected "
+                             f"{tuple('any' if s is None else s for s in shape)}")
+
+
+def plain(value):
+    """``value`` as plain data (JSON types): tensors become lists, dtypes and devices
+    strings, stubs their ``__dict__``; anything else its ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, MatsConfigStub):
+        return plain(vars(value))
+    return str(value) if isinstance(value, (torch.dtype, torch.device, Path)) else repr(value)
+
+
+def load_into(cls, state_dict: dict, path: Path, **kwargs):
+    """``cls.from_state_dict`` with its errors naming ``path``."""
+    try:
+        return cls.from_state_dict(state_dict, **kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: {e}") from e
