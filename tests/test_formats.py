@@ -3,6 +3,7 @@
 ``load_dictionary``, and compared with that format's own formula written below, independently
 of the converters. Then the SAELens export round trip, and files that must be refused."""
 
+import collections
 import dataclasses
 import json
 import math
@@ -251,7 +252,10 @@ def openai_file(path, activation, seed=0):
     if activation == "TopK":  # v5 files also carry these statistics
         sd["latents_activation_frequency"] = torch.rand(M, generator=g)
         sd["latents_mean_square"] = torch.rand(M, generator=g)
-    torch.save(sd, path)
+    # as nn.Module.state_dict() returns it (their files are such state_dicts)
+    saved = collections.OrderedDict(sd)
+    saved._metadata = collections.OrderedDict({"": {"version": 1}})
+    torch.save(saved, path)
     return sd
 
 
@@ -306,6 +310,7 @@ def mats_module(monkeypatch):
         expansion_factor: int = 3
         lr: float = 4e-4
         dtype: torch.dtype = torch.float32
+        device: torch.device = torch.device("cpu")
         feature_sampling_window: int = 1000
 
     class OtherConfig:
@@ -332,7 +337,8 @@ def test_mats_file_loads_with_a_stub_config(tmp_path, mats_module):
     assert type(ae).__name__ == "AutoEncoder" and config["format"] == "mats_sae_training"
     assert config["cfg"] == {"model_name": "gelu-2l", "hook_point": "blocks.0.hook_mlp_out",
                              "d_in": D, "expansion_factor": 3, "lr": 4e-4,
-                             "dtype": "torch.float32", "feature_sampling_window": 1000}
+                             "dtype": "torch.float32", "device": "cpu",
+                             "feature_sampling_window": 1000}
     assert config["hook_name"] == "blocks.0.hook_mlp_out"
     json.dumps(config)  # plain data
     x = inputs()
@@ -348,10 +354,12 @@ def test_mats_file_loads_with_a_stub_config(tmp_path, mats_module):
 # EleutherAI sparsify
 
 
-def sparsify_folder(folder, dtype=torch.float32, seed=0, **cfg_overrides):
+def sparsify_folder(folder, dtype=torch.float32, seed=0, d_out=D, **cfg_overrides):
     g = torch.Generator().manual_seed(seed)
     w = {"encoder.weight": rand(g, M, D, scale=D ** -0.5), "encoder.bias": rand(g, M, scale=0.3),
-         "W_dec": rand(g, M, D), "b_dec": rand(g, D)}
+         "W_dec": rand(g, M, d_out), "b_dec": rand(g, d_out)}
+    if cfg_overrides.get("skip_connection"):
+        w["W_skip"] = rand(g, d_out, D, scale=0.2)
     w = {n: t.to(dtype) for n, t in w.items()}
     folder.mkdir(parents=True)
     save_file(w, folder / "sae.safetensors")
@@ -362,12 +370,16 @@ def sparsify_folder(folder, dtype=torch.float32, seed=0, **cfg_overrides):
     return w
 
 
-def sparsify_reference(w, x):
+def sparsify_reference(w, x, transcode=False):
+    """sparsify's SparseCoder: encode (``- b_dec`` unless transcoding), top-k of the ReLU,
+    decode, plus the skip connection ``x @ W_skip.T`` where there is one."""
     w = {n: t.float() for n, t in w.items()}
-    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    pre = torch.relu((x if transcode else x - w["b_dec"]) @ w["encoder.weight"].T
+                     + w["encoder.bias"])
     top = pre.topk(K, dim=-1)
     acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-    return acts, acts @ w["W_dec"] + w["b_dec"]
+    out = acts @ w["W_dec"] + w["b_dec"]
+    return acts, out + x @ w["W_skip"].T if "W_skip" in w else out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -390,10 +402,27 @@ def test_sparsify_hookpoint_matches_formula(tmp_path, dtype):
         load_dictionary(tmp_path, hookpoint="layers.9")
 
 
-def test_sparsify_transcoders_and_groupmax_are_refused(tmp_path):
-    sparsify_folder(tmp_path / "t", transcode=True, skip_connection=True)
-    with pytest.raises(ValueError, match="transcoders .* not supported"):
-        load_dictionary(tmp_path / "t")
+@pytest.mark.parametrize("transcode,skip,d_out", [(True, True, D), (True, False, 24),
+                                                  (False, True, D)])
+def test_sparsify_transcoders_match_formula(tmp_path, transcode, skip, d_out):
+    w = sparsify_folder(tmp_path / "t", torch.bfloat16, d_out=d_out, transcode=transcode,
+                        skip_connection=skip)
+    ae, _ = load_dictionary(tmp_path / "t")
+    assert type(ae).__name__ == "Transcoder" and ae.output_dim == d_out
+    x = inputs()
+    f_ref, y_ref = sparsify_reference(w, x, transcode)
+    check_close(ae, x, f_ref, y_ref)
+    torch.testing.assert_close(ae.reconstruct(ae.encode(x), x), y_ref, **TOL)
+    torch.save(ae.state_dict(), tmp_path / "ae.pt")  # and through our own format
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"trainer": {"dict_class": "Transcoder", **ae.config()}}))
+    again, _ = load_dictionary(tmp_path)
+    assert torch.equal(again(x), ae(x))
+    with pytest.raises(ValueError, match="no SAELens counterpart"):
+        save_saelens(ae, tmp_path / "export")
+
+
+def test_sparsify_groupmax_is_refused(tmp_path):
     sparsify_folder(tmp_path / "gm", activation="groupmax")
     with pytest.raises(ValueError, match="'groupmax' is not supported"):
         load_dictionary(tmp_path / "gm")

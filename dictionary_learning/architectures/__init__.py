@@ -10,8 +10,9 @@ from .matryoshka import MatryoshkaBatchTopKSAE
 from .stretcher import MLPStretcher
 from .token_normalized import TokenNormalizedSAE
 from .topk import AutoEncoderTopK
+from .transcoder import Transcoder
 
 __all__ = ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE",
            "GatedAutoEncoder", "IdentityDict", "JumpReluAutoEncoder", "MLPStretcher",
            "MatryoshkaBatchTopKSAE",
-           "TokenNormalizedSAE"]
+           "TokenNormalizedSAE", "Transcoder"]

@@ -34,8 +34,8 @@ class TokenNormalizedSAE(Dictionary):
     when ``k > 0``, only each token's ``k`` largest entries of ``f`` are kept.
     ``decode(f) = f @ W_dec + b_dec`` is the reconstruction *in the normalised space*;
     ``forward(x)`` returns ``decode(encode(x)) * s + mu``, the reconstruction of ``x``.
-    Code that edits features and decodes them must undo the normalisation itself:
-    ``denormalize(decode(f), *normalization_stats(x))``.
+    Code that edits features and decodes them must undo the normalisation:
+    ``reconstruct(f, x) = denormalize(decode(f), *normalization_stats(x))``.
 
     Stored: ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]``, ``b_dec [d]``, ``threshold [m]``
     (0 gives a plain ReLU), buffers ``k`` (0: no top-k) and ``normalization_id`` (index into
@@ -109,6 +109,10 @@ class TokenNormalizedSAE(Dictionary):
         """The reconstruction in the normalised space (``forward`` undoes the normalisation)."""
         check_width(f, self.dict_size, f"{type(self).__name__}.decode")
         return f @ self.W_dec + self.b_dec
+
+    def reconstruct(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of ``x`` from (possibly edited) features ``f``, in ``x``'s space."""
+        return self.denormalize(self.decode(f), *self.normalization_stats(x))
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
         mu, s = self.normalization_stats(x)

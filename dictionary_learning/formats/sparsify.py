@@ -1,10 +1,12 @@
 """EleutherAI sparsify folders: one per hookpoint, ``cfg.json`` + ``sae.safetensors``.
 
 Weights: ``encoder.weight [m, d]``, ``encoder.bias [m]``, ``W_dec [m, d]``, ``b_dec [d]``
-(often bf16). sparsify computes ``pre = relu(encoder(x - b_dec))``, keeps each token's ``k``
-largest, ``x_hat = top @ W_dec + b_dec``: our ``AutoEncoderTopK`` (weights upcast to float32,
-which represents bf16 exactly). Transcoders (``transcode``, ``W_skip``) and the ``groupmax``
-activation have no class here and are refused clearly.
+(often bf16). sparsify computes ``pre = relu(encoder(x - b_dec))`` (no ``- b_dec`` for
+transcoders, ``transcode``), keeps each token's ``k`` largest, ``x_hat = top @ W_dec + b_dec``
+(``+ x @ W_skip.T`` with ``skip_connection``). Plain SAEs become our ``AutoEncoderTopK``;
+transcoders and coders with a skip connection our ``Transcoder`` (for a skip SAE the ``- b_dec``
+is folded into the encoder bias). Weights are upcast to float32, which represents bf16
+exactly. The ``groupmax`` activation has no class here and is refused clearly.
 
 A folder holding hookpoint folders (a sparsify run or a downloaded repo) is accepted when it
 holds exactly one, or with ``hookpoint="layers.3.mlp"`` naming the one to load.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import AutoEncoderTopK
+from ..architectures import AutoEncoderTopK, Transcoder
 from .common import load_into, read_json, read_safetensors, require_tensors
 
 NAME = "sparsify"
@@ -59,15 +61,12 @@ def _hookpoint_folder(path: Path, hookpoint: str | None) -> Path:
 
 
 def load(path: str | Path, hookpoint: str | None = None):
-    """``(AutoEncoderTopK, config)``; ``config = {"format": "sparsify", "cfg": <cfg.json>,
-    "hookpoint": <folder name>, "dtype": <dtype of the file>}``."""
+    """``(AutoEncoderTopK or Transcoder, config)``; ``config = {"format": "sparsify",
+    "cfg": <cfg.json>, "hookpoint": <folder name>, "dtype": <dtype of the file>}``."""
     folder = _hookpoint_folder(Path(path), hookpoint)
     cfg = read_json(folder / CFG_NAME)
     where = folder / WEIGHTS_NAME
     activation = cfg.get("activation", "topk")
-    if cfg.get("transcode") or cfg.get("skip_connection"):
-        raise ValueError(f"{folder}: sparsify transcoders (transcode / skip_connection, "
-                         "W_skip) are not supported: no dictionary class here computes them")
     if activation != "topk":
         raise ValueError(f"{folder}: sparsify activation {activation!r} is not supported "
                          "(only topk)")
@@ -83,15 +82,40 @@ def load(path: str | Path, hookpoint: str | None = None):
     if cfg.get("num_latents") and cfg["num_latents"] != m:
         raise ValueError(f"{where}: {CFG_NAME} says num_latents={cfg['num_latents']} but "
                          f"encoder.weight has shape {(m, d)}")
-    shapes = {"encoder.bias": (m,), "W_dec": (m, d), "b_dec": (d,)}
+    require_tensors(w, {"W_dec": (m, None)}, where)
+    d_out = w["W_dec"].shape[1]
+    shapes = {"encoder.bias": (m,), "W_dec": (m, d_out), "b_dec": (d_out,)}
+    if cfg.get("skip_connection"):
+        shapes["W_skip"] = (d_out, d)
     require_tensors(w, shapes, where)
     unexpected = sorted(set(w) - set(shapes) - {"encoder.weight"})
     if unexpected:
-        raise ValueError(f"{where}: unexpected keys {unexpected} (a transcoder's W_skip? "
-                         "not supported)")
+        raise ValueError(f"{where}: unexpected keys {unexpected} for cfg.json's "
+                         f"skip_connection={bool(cfg.get('skip_connection'))}")
+    config = {"format": NAME, "cfg": cfg, "hookpoint": folder.name,
+              "dtype": str(w["encoder.weight"].dtype).removeprefix("torch.")}
+    if cfg.get("transcode") or cfg.get("skip_connection"):
+        return _transcoder(w, k, bool(cfg.get("transcode")), where), config
+    if d_out != d:
+        raise ValueError(f"{where}: W_dec has {d_out} columns but the input has {d}: only "
+                         "a transcoder (transcode: true) maps between widths")
     ae = load_into(AutoEncoderTopK, {
         "encoder.weight": w["encoder.weight"], "encoder.bias": w["encoder.bias"],
         "decoder.weight": w["W_dec"].T, "b_dec": w["b_dec"],
         "k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(-1.0)}, where)
-    return ae, {"format": NAME, "cfg": cfg, "hookpoint": folder.name,
-                "dtype": str(w["encoder.weight"].dtype).removeprefix("torch.")}
+    return ae, config
+
+
+def _transcoder(w: dict, k: int, transcode: bool, where: Path):
+    """A ``Transcoder``; an SAE with a skip connection subtracts ``b_dec`` before encoding,
+    folded here into the encoder bias (in float64)."""
+    enc, bias = w["encoder.weight"].double(), w["encoder.bias"].double()
+    if not transcode:
+        if w["b_dec"].shape[0] != enc.shape[1]:
+            raise ValueError(f"{where}: b_dec has {w['b_dec'].shape[0]} entries but the input "
+                             f"has {enc.shape[1]}: only a transcoder maps between widths")
+        bias = bias - enc @ w["b_dec"].double()
+    skip = w.get("W_skip", torch.zeros(w["W_dec"].shape[1], enc.shape[1]))
+    return load_into(Transcoder, {
+        "encoder.weight": enc, "encoder.bias": bias, "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+        "W_skip": skip, "k": torch.tensor(k, dtype=torch.int)}, where)
