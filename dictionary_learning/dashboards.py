@@ -140,8 +140,8 @@ class WandbLogger:
         try:
             import wandb
         except ImportError as e:
-            raise ImportError("logging to Weights & Biases needs wandb: pip install wandb "
-                              "(or install this package with the [wandb] extra)") from e
+            raise ImportError("logging to Weights & Biases needs wandb: pip install wandb"
+                              ) from e
         if mode not in (None, "online", "offline", "disabled"):
             raise ValueError(f"mode must be 'online', 'offline', 'disabled' or None, got {mode!r}")
         kwargs = {"project": project, "name": run_name, "config": config or {}}
@@ -167,7 +167,8 @@ class WandbLogger:
         self.run.log({name: self._wandb.Image(str(png))}, step=step)
 
     def finish(self) -> None:
-        """Close the run (flushes an offline run to disk). Calling it twice is harmless."""
+        """Close the run. Calling it twice is harmless. (wandb's background process may
+        finish writing an offline run's ``.wandb`` file a moment after this returns.)"""
         if not self._finished:
             self._finished = True
             self.run.finish()
