@@ -197,7 +197,7 @@ def _take(batches: Iterator, n_rows: int) -> Iterator:
 
 
 @torch.no_grad()
-def measure(dictionary, model, target: Target, texts: Iterable[str], n_tokens: int = 16384,
+def measure(dictionary, model, target: Target, texts: Iterable[str], n_tokens: int = 8192,
             n_loss_texts: int = 64, batch_size: int = 32, rows_per_batch: int = 1024,
             loss: bool = True, seed: int = 0, device: str = "cpu", where: str = "dictionary"
             ) -> dict:

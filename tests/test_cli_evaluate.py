@@ -165,6 +165,8 @@ ERRORS = {
                        "width 64"),
     "missing data file": (lambda env, t: [env["nested"], "--data", t / "missing.jsonl"],
                           "no data file or folder at"),
+    "skip past the end": (lambda env, t: [env["nested"], "--skip-texts", "100000"],
+                          "has no documents left after skipping the first 100000"),
     "no model known": (lambda env, t: [save_dictionary(t / "bare", env["ae"], None)],
                        "cannot tell which model and submodule"),
     "offline model hub id": (lambda env, t: [env["nested"], "--model",

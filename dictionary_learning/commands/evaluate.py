@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
-from .common import format_table, load_model, open_texts, write_json
+from ..sources import load_model, open_texts
+from .common import CLIError, format_table, write_json
 
 DEFAULT_DATA = "monology/pile-uncopyrighted"
 
@@ -35,7 +36,7 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    ".txt file or folder, or a HF dataset name (default: %(default)s, streamed)")
     d.add_argument("--skip-texts", type=int, default=0, help="skip this many documents first, "
                    "e.g. those a training run read (default: 0)")
-    d.add_argument("--n-tokens", type=int, default=16384,
+    d.add_argument("--n-tokens", type=int, default=8192,
                    help="activations for the reconstruction metrics (default: %(default)s)")
     d.add_argument("--batch-size", type=int, default=32,
                    help="texts per forward pass (default: %(default)s)")
@@ -46,8 +47,13 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _texts(spec: str, skip: int):
-    texts = open_texts(spec)
-    return islice(texts, skip, None) if skip else texts
+    """A fresh stream of ``spec``'s documents after the first ``skip``."""
+    texts = islice(open_texts(spec), skip, None)
+    first = next(texts, None)
+    if first is None:
+        raise CLIError(f"{spec} has no documents left after skipping the first {skip} "
+                       "(--skip-texts): lower it or pass more data")
+    return chain([first], texts)
 
 
 def assessed(args: argparse.Namespace, loss: bool):
@@ -77,12 +83,16 @@ def assessed(args: argparse.Namespace, loss: bool):
     return paths, results
 
 
-def display_name(path: Path, paths: list[Path]) -> str:
-    """``path`` relative to the common folder of ``paths`` (its own name when alone)."""
-    resolved = [p.resolve() for p in paths]
-    root = Path(os.path.commonpath(resolved)) if len(paths) > 1 else resolved[0].parent
-    name = path.resolve().relative_to(root)
-    return str(name) if str(name) != "." else path.resolve().name
+def display_name(path: Path, paths: list[Path], given: list[str]) -> str:
+    """``path`` relative to the common folder of ``paths``; when it is the only one, relative
+    to the parent of the argument ``given`` that holds it (so a tree keeps its layout)."""
+    path = path.resolve()
+    if len(paths) > 1:
+        return str(path.relative_to(os.path.commonpath([p.resolve() for p in paths])))
+    for arg in map(lambda a: Path(a).resolve(), given):
+        if path == arg or arg in path.parents:
+            return str(path.relative_to(arg.parent))
+    return path.name
 
 
 def row(name: str, target, metrics: dict) -> dict:
@@ -105,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     to_stdout = args.json == "-"
     for path, target, metrics, info in results:
         metrics.pop("feature_frequencies")
-        name = display_name(path, paths)
+        name = display_name(path, paths, args.dict_dirs)
         rows.append(row(name, target, metrics))
         records.append({"dictionary": name, "path": str(path), **info, "model": target.model,
                         "submodule": target.submodule, "io": target.io,

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     paths, results = assessed(args, loss=False)
     rows, panels = [], {}
     for path, target, metrics, info in results:
-        name = display_name(path, paths)
+        name = display_name(path, paths, args.dict_dirs)
         freqs = metrics.pop("feature_frequencies")
         title = f"{name}\n{target.submodule}, {info['activation_dim']}->{info['dict_size']}"
         if args.grid:
