@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .interpret import RANKINGS, ContextCollector, FeatureStatistics, feature_activations
+from .interpret import (RANKINGS, ContextCollector, FeatureStatistics, feature_activations,
+                        round_significant)
 from .logit_effects import ablation_effect, logit_lens
 from .saving import atomic_write, versions
 
@@ -105,12 +106,8 @@ def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int =
 
 
 # -- writing -------------------------------------------------------------------------------
-def _r(x: float) -> float:
-    return float(f"{x:.4g}")
-
-
 def _rl(values) -> list[float]:
-    return [_r(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    return round_significant(torch.as_tensor(values)).tolist()
 
 
 class _TokenText:
@@ -129,14 +126,13 @@ class _TokenText:
 def _contexts_json(result: Analysis, text: _TokenText) -> dict:
     vocab: dict[int, int] = {}
 
-    def encode(e) -> dict:
+    def encode(e) -> dict:  # acts are rounded already
         return {"tokens": [vocab.setdefault(t, len(vocab)) for t in e.tokens],
-                "acts": _rl(e.acts), "max": _r(e.max), "pos": e.pos}
+                "acts": e.acts, "max": e.max, "pos": e.pos}
 
     out = {"top": {}, "random": {}}
     for name, collector in (("top", result.top), ("random", result.random)):
-        for i in range(collector.m):
-            examples = collector.examples(i)
+        for i, examples in enumerate(collector.all_examples(acts_round=round_significant)):
             if examples:
                 out[name][str(i)] = [encode(e) for e in examples]
     return {"vocab": [text(t) for t in vocab], **out}
@@ -144,7 +140,7 @@ def _contexts_json(result: Analysis, text: _TokenText) -> dict:
 
 def _logits_json(result: Analysis, text: _TokenText, top: int = 10) -> dict:
     def pairs(values, ids) -> list:
-        return [[text(int(t)), _r(v)] for v, t in zip(values.tolist(), ids.tolist())]
+        return [[text(t), v] for v, t in zip(_rl(values), ids.tolist())]
 
     out: dict[str, dict] = {}
     if result.lens is not None:

@@ -58,32 +58,41 @@ class ContextCollector:
         self.generator = generator
         W = before + 1 + after
         self.scores = torch.full((dict_size, k), -torch.inf)
-        self.tokens = torch.full((dict_size, k, W), -1, dtype=torch.int64)  # -1: no token
+        self.tokens = torch.full((dict_size, k, W), -1, dtype=torch.int32)  # -1: no token
         self.acts = torch.zeros(dict_size, k, W)
-        self.offsets = torch.arange(-before, after + 1)
+
+    def _follow(self, device: torch.device) -> None:
+        """Keep the state on the device of the data (no copy of whole batches to the CPU)."""
+        if self.scores.device != device:
+            self.scores, self.tokens, self.acts = (t.to(device) for t in (
+                self.scores, self.tokens, self.acts))
 
     @torch.no_grad()
     def update(self, f: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Merge one batch: features ``f`` ``[B, T, m]`` (0 off real tokens), ``input_ids``
         and the real-token ``mask`` ``[B, T]``."""
-        f, input_ids, mask = f.float().cpu(), input_ids.cpu(), mask.cpu().bool()
+        f = f.float()
+        dev = f.device
+        self._follow(dev)
+        input_ids, mask = input_ids.to(dev), mask.to(dev).bool()
         B, T, m = f.shape
         peak, pos = f.max(dim=1)                                   # [B, m]
         if self.mode == "top":
             score = peak.clone()
         else:
-            score = torch.rand(B, m, generator=self.generator)
+            score = torch.rand(B, m, generator=self.generator).to(dev)
         score[peak <= 0] = -torch.inf                              # never fired here
         kk = min(self.k, B)
         cand, rows = score.topk(kk, dim=0)                         # [kk, m]
         centre = pos.gather(0, rows)                               # [kk, m]
-        t = centre[..., None] + self.offsets                       # [kk, m, W]
+        t = centre[..., None] + torch.arange(-self.before, self.after + 1, device=dev)
+        # t: [kk, m, W] token positions of each candidate's window
         inside = (t >= 0) & (t < T)
         t = t.clamp(0, T - 1)
         b = rows[..., None].expand_as(t)
         valid = inside & mask[b, t]
-        feat = torch.arange(m)[None, :, None].expand_as(t)
-        tok = torch.where(valid, input_ids[b, t], -1)
+        feat = torch.arange(m, device=dev)[None, :, None].expand_as(t)
+        tok = torch.where(valid, input_ids[b, t], -1).int()
         act = torch.where(valid, f[b, t, feat], 0.0)
         # Merge with the running state: [m, k + kk] -> best k.
         scores = torch.cat([self.scores, cand.T], dim=1)
@@ -94,20 +103,44 @@ class ContextCollector:
         self.acts = torch.cat([self.acts, act.transpose(0, 1)], 1).gather(1, gather)
         self.scores = best
 
-    def examples(self, feature: int) -> list[Example]:
-        """The feature's kept contexts, best first (by max activation for ``"top"``)."""
+    def examples(self, feature: int, acts_round=None) -> list[Example]:
+        """The feature's kept contexts, best first (for ``"random"``: by max activation too).
+        ``acts_round`` (e.g. :func:`round_significant`) is applied to the activations."""
+        return self.all_examples(acts_round, [feature])[0]
+
+    def all_examples(self, acts_round=None, features=None) -> list[list[Example]]:
+        """:meth:`examples` of every feature (or of ``features``), read out in one pass."""
+        ids = torch.arange(self.m) if features is None else torch.as_tensor(features)
+        ids = ids.to(self.scores.device)
+        acts = self.acts[ids] if acts_round is None else acts_round(self.acts[ids])
+        n_kept = (self.scores[ids] > -torch.inf).sum(dim=1).tolist()
+        tokens, acts = self.tokens[ids].tolist(), acts.tolist()   # [n, k, W] as lists
         out = []
-        for j in range(self.k):
-            if self.scores[feature, j] == -torch.inf:
-                break
-            keep = self.tokens[feature, j] >= 0
-            acts = self.acts[feature, j][keep]
-            pos = int(keep[: self.before].sum())  # the centre, counted among kept tokens
-            out.append(Example(self.tokens[feature, j][keep].tolist(), acts.tolist(), pos,
-                               float(acts[pos])))
-        if self.mode == "random":
-            out.sort(key=lambda e: -e.max)
+        for n, tok_rows, act_rows in zip(n_kept, tokens, acts):
+            examples = []
+            for tok, act in zip(tok_rows[:n], act_rows[:n]):
+                lo = next(j for j, t in enumerate(tok) if t >= 0)  # valid slots: one run
+                hi = len(tok) - next(j for j, t in enumerate(reversed(tok)) if t >= 0)
+                pos = self.before - lo
+                examples.append(Example(tok[lo:hi], act[lo:hi], pos, act[self.before]))
+            if self.mode == "random":
+                examples.sort(key=lambda e: -e.max)
+            out.append(examples)
         return out
+
+
+def round_significant(x: torch.Tensor, digits: int = 4) -> torch.Tensor:
+    """``x`` rounded to ``digits`` significant digits, in float64, so that ``tolist()``
+    prints short decimals (``n / 10**j`` is correctly rounded, like parsing the decimal)."""
+    x = x.double()
+    e = torch.floor(torch.log10(x.abs().clamp_min(1e-300)))
+    j = (digits - 1 - e).clamp(-300, 300)                           # decimals to keep
+    small = j >= 0
+    n_small = torch.round(x * torch.pow(10.0, j.clamp_min(0)))
+    n_large = torch.round(x / torch.pow(10.0, (-j).clamp_min(0)))
+    out = torch.where(small, n_small / torch.pow(10.0, j.clamp_min(0)),
+                      n_large * torch.pow(10.0, (-j).clamp_min(0)))
+    return torch.where(x == 0, x, out)
 
 
 class FeatureStatistics:
@@ -133,8 +166,11 @@ class FeatureStatistics:
 
     @torch.no_grad()
     def update(self, f: torch.Tensor) -> None:
-        """Add the features ``[N, m]`` of ``N`` real tokens."""
-        f = f.float().cpu()
+        """Add the features ``[N, m]`` of ``N`` real tokens (the state follows their device)."""
+        f = f.float()
+        if self.count.device != f.device:
+            for name in ("count", "sum", "max", "exponent", "counts"):
+                setattr(self, name, getattr(self, name).to(f.device))
         fired = f > 0
         self.n_tokens += f.shape[0]
         self.count += fired.sum(dim=0)
@@ -145,10 +181,10 @@ class FeatureStatistics:
         exponent = torch.where(alive, torch.frexp(self.max).exponent.long(), 0)
         shift = (exponent - self.exponent).clamp_min(0)
         if bool((shift > 0).any()):                  # upper doubled `shift` times: merge bins
-            src = torch.arange(self.n_bins)[None] >> shift.clamp_max(62)[:, None]
+            src = torch.arange(self.n_bins, device=f.device)[None] >> shift.clamp_max(62)[:, None]
             self.counts = torch.zeros_like(self.counts).scatter_add_(1, src, self.counts)
         self.exponent = torch.where(alive, exponent, self.exponent)
-        upper = torch.ldexp(torch.ones(()), self.exponent.float())      # [m]
+        upper = torch.ldexp(torch.ones((), device=f.device), self.exponent.float())   # [m]
         rows, cols = fired.nonzero(as_tuple=True)
         values = f[rows, cols]
         bins = (values / upper[cols] * self.n_bins).floor().long().clamp_(0, self.n_bins - 1)
@@ -158,15 +194,17 @@ class FeatureStatistics:
     @property
     def upper(self) -> torch.Tensor:
         """Upper histogram edge ``[m]`` (0 for dead features)."""
-        return torch.where(self.max > 0, torch.ldexp(torch.ones(()), self.exponent.float()), 0.0)
+        upper = torch.ldexp(torch.ones(()), self.exponent.float().cpu())
+        return torch.where(self.max.cpu() > 0, upper, 0.0)
 
     def summary(self) -> dict[str, torch.Tensor]:
         """``density`` (fraction of real tokens firing), ``mean_activation`` (over firing
         tokens, 0 for dead features), ``max_activation``, ``n_fired``: each ``[m]``."""
         n = max(self.n_tokens, 1)
-        return {"density": self.count.double() / n,
-                "mean_activation": self.sum / self.count.clamp_min(1),
-                "max_activation": self.max.double(), "n_fired": self.count}
+        count = self.count.cpu()
+        return {"density": count.double() / n,
+                "mean_activation": self.sum.cpu() / count.clamp_min(1),
+                "max_activation": self.max.double().cpu(), "n_fired": count}
 
 
 # -- rankings ----------------------------------------------------------------------------

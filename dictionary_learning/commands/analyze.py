@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import CLIError, format_pairs, load_model, open_texts
+from .common import CLIError, format_pairs, open_texts
 
 
 def _settings(args: argparse.Namespace, config: dict) -> dict:
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis_run import analyze, write_run_folder
     from ..interpret import RANKINGS
     from ..loading import load_dictionary
-    from ..submodules import resolve_submodule
+    from ..submodules import resolve_submodule, submodule_path
+    from ..train_run import open_model
 
     start = time.perf_counter()
     for name in ("n_tokens", "batch_size", "k", "k_random"):
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                        "(and config.json), or the .pt file")
     dictionary, config = load_dictionary(dict_dir, device=args.device)
     s = _settings(args, config)
-    model = load_model(s["model"], device=args.device)
+    model = open_model(s["model"], device=args.device)
+    s["submodule"] = submodule_path(model, s["submodule"])       # "1.mlp" -> dotted path
     resolve_submodule(model, s["submodule"])            # a wrong name fails before any work
     texts = open_texts(args.data, split=args.split, text_field=args.text_field)
     torch.manual_seed(args.seed)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             "model": s["model"], "submodule": s["submodule"], "io": s["io"],
             "ctx_len": s["ctx_len"]}
     paths = write_run_folder(result, args.out, model.tokenizer, info)
-    alive = int((result.stats.count > 0).sum())
+    alive = int((result.stats.summary()["n_fired"] > 0).sum())
     print(f"Analysed {result.n_tokens:,} tokens in {result.n_contexts:,} contexts: "
           f"{alive:,} of {dictionary.dict_size:,} features fired")
     print("Wrote")
@@ -86,8 +88,10 @@ def add_parser(sub) -> None:
     p.add_argument("--n-tokens", type=int, default=100_000,
                    help="real tokens to analyse (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--model", help="model hub id or folder (default: the dictionary's config)")
-    p.add_argument("--submodule", help="dotted submodule path (default: the dictionary's config)")
+    p.add_argument("--model", help="model hub id, folder, or 'demo' (default: the dictionary's "
+                   "config)")
+    p.add_argument("--submodule", help="dotted path ('gpt_neox.layers.1.mlp') or layer.component "
+                   "('1.mlp', '2.resid') (default: the dictionary's config)")
     p.add_argument("--io", choices=("out", "in", "in_to_out"),
                    help="which activation the dictionary reads (default: config, else out)")
     p.add_argument("--ctx-len", type=int, help="tokens per context (default: config, else 128)")
