@@ -81,11 +81,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         logger.info("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=300" if cache else "no-store")
+        self.send_header("Cache-Control", "no-store")  # a restarted server may serve another run
         for key, value in SECURITY_HEADERS.items():
             self.send_header(key, value)
         self.end_headers()
@@ -120,6 +120,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:80]}")
         except BadRequest as e:
             self._json({"error": str(e)}, e.status)
+        except ConnectionError:  # the browser went away mid-answer (e.g. a newer click won)
+            logger.debug("client left while answering %s", self.path)
+            self.close_connection = True
         except Exception:  # a bug must answer 500, not kill the connection with a traceback
             logger.exception("error answering %s", self.path)
             self._json({"error": "internal error; see the server's log"},
@@ -174,6 +177,10 @@ class ViewerServer(ThreadingHTTPServer):
                     self._pages.pop(next(iter(self._pages)))
                 self._pages[key] = body
         return body
+
+    def handle_error(self, request, client_address) -> None:
+        """Log (instead of printing to stderr) what escaped a handler: a dropped connection."""
+        logger.debug("error serving %s", client_address, exc_info=True)
 
     @property
     def url(self) -> str:
