@@ -33,6 +33,7 @@ from .buffer import ActivationBuffer
 from .evaluation import loss_recovered, reconstruction_metrics
 from .loading import CONFIG_NAME, WEIGHTS_NAME, load_dictionary, read_config, read_state_dict
 from .registry import get_dictionary_class
+from .submodules import submodule_path
 
 logger = logging.getLogger(__name__)
 
@@ -261,11 +262,14 @@ def assess(paths: list[Path], open_model: Callable[[str], object],
         for path in group:
             dictionary, _ = open_dictionary(path, device=device, dict_class=dict_class,
                                             **(widths or {}))
-            metrics = measure(dictionary, model, targets[path], open_texts(), device=device,
+            # "1.mlp", "embed" -> the dotted path in this model
+            target = replace(targets[path], submodule=submodule_path(model,
+                                                                     targets[path].submodule))
+            metrics = measure(dictionary, model, target, open_texts(), device=device,
                               where=str(path), **measure_kwargs)
             info = {"dict_class": type(dictionary).__name__,
                     "activation_dim": getattr(dictionary, "activation_dim", None),
                     "dict_size": getattr(dictionary, "dict_size", None)}
             del dictionary
-            yield path, targets[path], metrics, info
+            yield path, target, metrics, info
         del model

@@ -132,9 +132,10 @@ def test_tree_with_published_flat_and_no_config(env, capsys, tmp_path):
 
 def test_no_config_with_widths_on_the_command_line(env, capsys, tmp_path):
     folder = save_dictionary(tmp_path / "bare", env["ae"], None)
-    common = ["--model", env["model"], "--submodule", "gpt_neox.layers.1.mlp", "--data",
-              env["data"], "--ctx-len", "32", *SMALL]
+    common = ["--model", env["model"], "--submodule", "1.mlp", "--data",
+              env["data"], "--ctx-len", "32", *SMALL]  # the short name of the layer-1 MLP
     [r] = run_json(capsys, folder, "--activation-dim", D_MODEL, "--dict-size", 128, *common)
+    assert r["submodule"] == "gpt_neox.layers.1.mlp"
     metrics, _ = reference(env, env["ae"], "gpt_neox.layers.1.mlp")
     assert r["mse"] == pytest.approx(metrics["mse"], rel=1e-6)
     assert main(["evaluate", str(folder), "--dict-size", "256", *map(str, common)]) == 2

@@ -21,7 +21,8 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    "dictionary, or a folder tree: every dictionary under it is measured")
     g = p.add_argument_group("what the dictionaries read (default: what config.json records)")
     g.add_argument("--model", help="HF hub id or local model folder")
-    g.add_argument("--submodule", help="dotted submodule path, e.g. gpt_neox.layers.1.mlp")
+    g.add_argument("--submodule", help="dotted submodule path (gpt_neox.layers.1.mlp), or a layer and "
+                   "component (1.mlp, 3.attn, 2.resid) or embed")
     g.add_argument("--io", choices=("out", "in", "in_to_out"), help="submodule output, input "
                    "or both (default: config's buffer.io, else out)")
     g.add_argument("--ctx-len", type=int, help="tokens per context (default: config's "
