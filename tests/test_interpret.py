@@ -96,7 +96,7 @@ def test_top_contexts_and_statistics_equal_brute_force(model, dictionary, texts)
     pad = torch.nn.functional.pad
     ids = torch.cat([pad(i, (CTX_LEN - i.shape[1], 0)) for i, _, _ in batches])
     masks = torch.cat([pad(m, (CTX_LEN - m.shape[1], 0)) for _, m, _ in batches])
-    f = torch.cat([pad(a, (0, 0, CTX_LEN - a.shape[1], 0)) for _, _, a in batches])                              # [N, T, m]
+    f = torch.cat([pad(a, (0, 0, CTX_LEN - a.shape[1], 0)) for _, _, a in batches])  # [N, T, m]
     n_checked = 0
     for i in range(96):
         contexts = []
