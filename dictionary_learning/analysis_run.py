@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "dictionary_learning.analysis/1"
 FILES = ("metadata.json", "features.json", "histograms.json", "contexts.json", "logits.json")
-ABLATION_NOTE = ("ablation value = mean over the feature's top contexts of log p_clean - "
-                 "log p_ablated of the next token after the max-activating token (positive: "
-                 "the feature promotes it); contexts are the stored windows, so the model sees "
-                 "at most `window_before` tokens before that token")
+ABLATION_NOTE = ("ablation value of a token = mean over the feature's top contexts of "
+                 "log p_clean - log p_ablated of that token as the next token after the "
+                 "max-activating one (positive: the feature promotes it); the contexts are the "
+                 "stored windows, so the model sees at most window_before tokens before it")
 
 
 @dataclass

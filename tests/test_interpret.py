@@ -168,27 +168,32 @@ def test_logit_lens_equals_unembedding_product(model, dictionary):
             torch.testing.assert_close(lens["suppressed"][0][row], logits[order.flip(0)[:10]])
 
 
-def _hand_logprobs(model, dictionary, context, feature=None):
+def _hand_logprobs(model, dictionary, context, feature=None, io="out"):
     """Log-probabilities [T, V] of one unpadded context, with ``feature`` subtracted from the
-    MLP output by a plain forward hook."""
-    hf = model._module
+    MLP's output (io "out"), its input ("in"), or its output using the input's features
+    ("in_to_out"), by a plain hook."""
+    mlp = model._module.get_submodule(SUBMODULE)
 
-    def hook(mod, inp, out):
-        f_i = dictionary.encode(out)[..., feature]
-        return out - f_i[..., None] * dictionary.W_dec[feature]
+    def contribution(x):
+        return dictionary.encode(x)[..., feature, None] * dictionary.W_dec[feature]
 
-    handle = (hf.get_submodule(SUBMODULE).register_forward_hook(hook)
-              if feature is not None else None)
+    handle = None
+    if feature is not None and io == "in":
+        handle = mlp.register_forward_pre_hook(lambda mod, inp: (inp[0] - contribution(inp[0]),))
+    elif feature is not None:
+        handle = mlp.register_forward_hook(
+            lambda mod, inp, out: out - contribution(out if io == "out" else inp[0]))
     try:
         with torch.no_grad():
-            logits = hf(input_ids=torch.tensor([context])).logits[0]
+            logits = model._module(input_ids=torch.tensor([context])).logits[0]
     finally:
         if handle is not None:
             handle.remove()
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def test_ablation_effect_equals_hand_patched_forward(model, dictionary, texts):
+@pytest.mark.parametrize("io", ["out", "in", "in_to_out"])
+def test_ablation_effect_equals_hand_patched_forward(model, dictionary, texts, io):
     tok = model.tokenizer
     contexts = [tok(t)["input_ids"][:n] for t, n in zip(texts[:3], (12, 7, 10))]
     positions = [11, 3, 9]
@@ -196,9 +201,10 @@ def test_ablation_effect_equals_hand_patched_forward(model, dictionary, texts):
     dictionary = copy.deepcopy(dictionary)
     with torch.no_grad():  # a long decoder row: the random model's logits then move visibly
         dictionary.W_dec[feature].mul_(30)
-    effect = ablation_effect(model, SUBMODULE, dictionary, feature, contexts, positions)
+    effect = ablation_effect(model, SUBMODULE, dictionary, feature, contexts, positions, io=io)
     expected = torch.stack([
-        _hand_logprobs(model, dictionary, c)[q] - _hand_logprobs(model, dictionary, c, feature)[q]
+        _hand_logprobs(model, dictionary, c)[q]
+        - _hand_logprobs(model, dictionary, c, feature, io)[q]
         for c, q in zip(contexts, positions)]).mean(dim=0)
     assert expected.abs().max() > 1e-4, "the feature should matter somewhere in these contexts"
     torch.testing.assert_close(effect, expected, rtol=1e-3, atol=2e-5)
@@ -206,7 +212,7 @@ def test_ablation_effect_equals_hand_patched_forward(model, dictionary, texts):
     zeroed = copy.deepcopy(dictionary)
     with torch.no_grad():
         zeroed.W_dec[feature].zero_()
-    zero_effect = ablation_effect(model, SUBMODULE, zeroed, feature, contexts, positions)
+    zero_effect = ablation_effect(model, SUBMODULE, zeroed, feature, contexts, positions, io=io)
     assert torch.equal(zero_effect, torch.zeros_like(zero_effect))
 
 
