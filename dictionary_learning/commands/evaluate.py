@@ -66,7 +66,7 @@ def assessed(args: argparse.Namespace, loss: bool):
     if args.skip_texts < 0 or args.n_tokens < 1 or args.batch_size < 1:
         raise ValueError("--skip-texts must be >= 0, --n-tokens and --batch-size >= 1")
     paths = find_dictionaries(args.dict_dirs)
-    _texts(args.data, 0)  # a missing file or an unreachable hub fails before any model loads
+    _texts(args.data, args.skip_texts)  # bad data fails before any model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def open_model(name: str):
