@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from .interpret import (RANKINGS, ContextCollector, FeatureStatistics, feature_activations,
                         round_significant)
+from .buffer import model_name
 from .logit_effects import ablation_effect, logit_lens
 from .saving import atomic_write, versions
+from .submodules import resolve_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ ABLATION_NOTE = ("ablation value of a token = mean over the feature's top contex
 class Analysis:
     """What :func:`analyze` measured. ``scores``: ranking name -> ``[m]``; ``lens``: the
     :func:`~.logit_effects.logit_lens` result (``None`` when not applicable, with ``lens_note``
-    saying why); ``ablation``: feature id -> (mean effect ``[V]``, number of contexts)."""
+    saying why); ``ablation``: feature id -> (mean effect ``[V]``, number of contexts);
+    ``info``: what was analysed (dictionary class and widths, model, submodule, io, ctx_len)."""
 
     stats: FeatureStatistics
     top: ContextCollector
@@ -53,6 +56,7 @@ class Analysis:
     lens: dict | None = None
     lens_note: str = ""
     ablation: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
 
 def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int = 128,
@@ -64,7 +68,7 @@ def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int =
     """Top and random contexts, statistics and ranking scores of every feature over at most
     ``n_tokens`` real tokens of ``texts``; the logit lens of every feature; ablation effects
     of the ``n_ablation`` features ranked highest by the first of ``rankings``."""
-    rankings = list(rankings or RANKINGS)
+    rankings = list(dict.fromkeys(rankings or RANKINGS))
     unknown = [r for r in rankings if r not in RANKINGS]
     if unknown:
         raise ValueError(f"unknown ranking metric(s) {unknown}; known: {sorted(RANKINGS)}")
@@ -84,7 +88,10 @@ def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int =
         raise ValueError("the texts held no tokens: nothing to analyse")
     summary = stats.summary()
     scores = {name: RANKINGS[name](summary).double().cpu() for name in rankings}
-    result = Analysis(stats, top, rand, scores, stats.n_tokens, n_contexts)
+    info = {"dict_class": type(dictionary).__name__, "activation_dim": dictionary.activation_dim,
+            "dict_size": m, "model": model_name(model),
+            "submodule": resolve_submodule(model, submodule)[1], "io": io, "ctx_len": ctx_len}
+    result = Analysis(stats, top, rand, scores, stats.n_tokens, n_contexts, info=info)
     try:
         result.lens = logit_lens(dictionary, model._module, apply_final_norm=apply_final_norm)
         result.lens_note = ("W_U @ (g * W_dec[i]) with g the final norm's weight (no centring, "
@@ -156,16 +163,16 @@ def _logits_json(result: Analysis, text: _TokenText, top: int = 10) -> dict:
     return out
 
 
-def write_run_folder(result: Analysis, out: str | Path, tokenizer, info: dict) -> list[Path]:
+def write_run_folder(result: Analysis, out: str | Path, tokenizer,
+                     info: dict | None = None) -> list[Path]:
     """Write the five files of a run folder into ``out`` (created if needed) and return their
-    paths. ``info`` gives the metadata fields the analysis does not know: ``dictionary``,
-    ``dict_class``, ``activation_dim``, ``dict_size``, ``model``, ``submodule``, ``io``,
-    ``ctx_len``."""
+    paths. ``info`` adds to or overrides ``result.info`` in the metadata (e.g. the
+    ``dictionary`` path, or a ``model`` name to show)."""
     out = Path(out)
     text = _TokenText(tokenizer)
     summary = result.stats.summary()
     metadata = {
-        "format": FORMAT, **info, "n_tokens": result.n_tokens, "n_contexts": result.n_contexts,
+        "format": FORMAT, "dictionary": None, **result.info, **(info or {}), "n_tokens": result.n_tokens, "n_contexts": result.n_contexts,
         "k_top": result.top.k, "k_random": result.random.k,
         "window_before": result.top.before, "window_after": result.top.after,
         "rankings": list(result.scores),

@@ -63,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
                      n_ablation=args.ablation_features,
                      apply_final_norm=not args.no_final_norm, remove_bos=s["remove_bos"],
                      seed=args.seed)
-    info = {"dictionary": str(dict_dir.resolve()), "dict_class": type(dictionary).__name__,
-            "activation_dim": dictionary.activation_dim, "dict_size": dictionary.dict_size,
-            "model": s["model"], "submodule": s["submodule"], "io": s["io"],
-            "ctx_len": s["ctx_len"]}
+    info = {"dictionary": str(dict_dir.resolve()), "model": s["model"]}
     paths = write_run_folder(result, args.out, model.tokenizer, info)
     alive = int((result.stats.summary()["n_fired"] > 0).sum())
     print(f"Analysed {result.n_tokens:,} tokens in {result.n_contexts:,} contexts: "
