@@ -174,7 +174,7 @@ class FeatureStatistics:
         fired = f > 0
         self.n_tokens += f.shape[0]
         self.count += fired.sum(dim=0)
-        self.sum += torch.where(fired, f, 0.0).double().sum(dim=0)
+        self.sum += f.clamp_min(0).sum(dim=0, dtype=torch.float64)  # firing values only
         self.max = torch.maximum(self.max, f.max(dim=0).values.clamp_min(0))
         alive = self.max > 0
         # floor(log2(max)) + 1, exact for floats (frexp: max = mant * 2**e, mant in [0.5, 1)).
