@@ -204,3 +204,19 @@ def test_script_exit_code(env, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: no data file or folder at {tmp_path / 'missing.jsonl'}: check the path "
         "(supported: .jsonl, .jsonl.zst, .txt, a folder of them, 'stdlib', or a HF dataset name)"]
+
+
+def test_stretcher_reads_input_output_pairs(env, capsys, tmp_path):
+    """io=in_to_out serves (input, output) pairs; the row count is still --n-tokens."""
+    from dictionary_learning import MLPStretcher
+
+    torch.manual_seed(0)
+    folder = save_dictionary(tmp_path / "stretcher", MLPStretcher(D_MODEL, 96), None)
+    [r] = run_json(capsys, folder, "--model", env["model"], "--submodule", "1.mlp", "--io",
+                   "in_to_out", "--data", env["data"], "--ctx-len", "32", *SMALL)
+    assert (r["dict_class"], r["io"], r["n_tokens"]) == ("MLPStretcher", "in_to_out", 600)
+    assert math.isfinite(r["mse"]) and math.isfinite(r["loss_patched"])
+    narrow = save_dictionary(tmp_path / "narrow", MLPStretcher(32, 96), None)
+    assert main(["evaluate", str(narrow), "--model", str(env["model"]), "--submodule", "1.mlp",
+                 "--io", "in_to_out", "--data", str(env["data"]), *SMALL]) == 2
+    assert "width 32, but gpt_neox.layers.1.mlp (in_to_out) has width 64" in capsys.readouterr().err
