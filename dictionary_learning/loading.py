@@ -129,6 +129,9 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
                 "saprmarks/dictionary_learning), cfg.json + sae_weights.safetensors (SAELens) "
                 "or cfg.json + sae.safetensors (sparsify)")
         dictionary, config = _load_own(weights, read_pickle(weights), options)
+    elif path.suffix == ".safetensors":
+        raise ValueError(f"{path}: a safetensors file is read as sae_weights.safetensors "
+                         "(SAELens) or sae.safetensors (sparsify), beside its cfg.json")
     else:
         obj = read_pickle(path)
         name = formats.pickle_format(obj)

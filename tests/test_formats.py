@@ -161,11 +161,19 @@ def test_saelens_folder_matches_formula(tmp_path, arch, a, norm):
         torch.testing.assert_close(ae(x), ae.denormalize(ae.decode(ae.encode(x)), mu, s))
 
 
-@pytest.mark.parametrize("activation", ["relu", "topk"])
-def test_saelens_pre_6_flat_config(tmp_path, activation):
+@pytest.mark.parametrize("activation,stored_as", [("relu", "scaling_factor"),
+                                                  ("topk", "finetuning_scaling_factor"),
+                                                  ("relu", "ones")])
+def test_saelens_pre_6_flat_config(tmp_path, activation, stored_as):
     """Pre-6.0 cfg.json: flat, ``activation_fn_str``/``activation_fn_kwargs``, ``hook_point``,
-    ``finetuning_scaling_factor`` (a per-latent scale applied before the decoder)."""
+    ``finetuning_scaling_factor`` (a per-latent scale applied before the decoder, stored as
+    ``scaling_factor`` in published files; all ones means none, as SAELens reads it)."""
     w = saelens_weights("standard", fsf=True)
+    if stored_as == "ones":
+        w["finetuning_scaling_factor"] = torch.ones(M)
+    file_w = dict(w)
+    if stored_as != "finetuning_scaling_factor":
+        file_w["scaling_factor"] = file_w.pop("finetuning_scaling_factor")
     cfg = {"architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32",
            "model_name": "gelu-2l", "hook_point": "blocks.0.hook_mlp_out",
            "hook_point_layer": 0, "activation_fn_str": activation,
@@ -173,7 +181,7 @@ def test_saelens_pre_6_flat_config(tmp_path, activation):
            "apply_b_dec_to_input": True, "finetuning_scaling_factor": True,
            "context_size": 128, "normalize_activations": "none"}
     sparsity = torch.linspace(-6, -1, M)
-    ae, config = load_dictionary(write_saelens(tmp_path, w, cfg, sparsity=sparsity))
+    ae, config = load_dictionary(write_saelens(tmp_path, file_w, cfg, sparsity=sparsity))
     assert type(ae).__name__ == ("AutoEncoderTopK" if activation == "topk" else "AutoEncoder")
     assert config["hook_name"] == "blocks.0.hook_mlp_out" and config["model_name"] == "gelu-2l"
     assert config["log10_feature_density"] == sparsity.tolist()
@@ -482,6 +490,12 @@ def test_corrupted_and_malformed_files_are_refused(tmp_path):
     missing = write_saelens(tmp_path / "missing", w, v6_cfg("standard"))
     with pytest.raises(ValueError, match=r"sae_weights\.safetensors: missing keys \['b_dec'\]"):
         load_dictionary(missing)
+    sf = write_saelens(tmp_path / "sf", {**saelens_weights("standard"),
+                                         "scaling_factor": torch.full((M,), 2.0)},
+                       v6_cfg("standard"))
+    with pytest.raises(ValueError, match="holds a scaling_factor but cfg.json's "
+                                         "finetuning_scaling_factor is false"):
+        load_dictionary(sf)
     wrong_width = write_saelens(tmp_path / "width", saelens_weights("standard"),
                                 {**v6_cfg("standard"), "d_sae": 99})
     with pytest.raises(ValueError, match="cfg.json says d_sae=99"):
@@ -497,6 +511,9 @@ def test_corrupted_and_malformed_files_are_refused(tmp_path):
         load_dictionary(tmp_path / "o2.pt")
     with pytest.raises(FileNotFoundError, match="no dictionary at"):
         load_dictionary(tmp_path / "nowhere")
+    (folder / "cfg.json").unlink()
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: a safetensors file is read"):
+        load_dictionary(weights)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no dictionary weights in .*SAELens"):
         load_dictionary(tmp_path / "empty")

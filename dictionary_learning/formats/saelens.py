@@ -19,7 +19,8 @@ the dataset-wide factor ``s``, absent from the folder: pass ``norm_scaling_facto
 folded in as SAELens folds it (``W_enc * s``, ``W_dec / s``, ``b_dec / s``); SAELens's own
 ``load_from_disk`` ignores it, which ``norm_scaling_factor=1.0`` reproduces. Pre-6.0 flat
 configs (``activation_fn_str``, ``activation_fn_kwargs``, ``hook_point``/``hook_name``,
-``finetuning_scaling_factor``: a per-latent scale folded into ``W_dec``) are read too.
+``finetuning_scaling_factor`` with the weights' ``scaling_factor``: a per-latent scale of the
+features before decoding, folded into ``W_dec``) are read too.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .common import load_into, read_json, read_safetensors, require_tensors
 
 logger = logging.getLogger(__name__)
 NAME = "saelens"
-CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+CFG_NAME, WEIGHTS_NAME = "cfg.json", "sae_weights.safetensors"
+SPARSITY_NAME = "sparsity.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale", "expected_average_only_in")
 
@@ -93,6 +95,21 @@ def _expected_shapes(spec: dict, d: int, m: int) -> dict[str, tuple]:
     return shapes
 
 
+def _scaling_factor(w: dict, spec: dict, path: Path) -> None:
+    """Pre-6.0 per-latent decoder scale, as SAELens reads it: stored as ``scaling_factor``
+    (ignored when all ones) or ``finetuning_scaling_factor``; used only when cfg.json's
+    ``finetuning_scaling_factor`` is true and the weights hold it. Sets ``w`` and ``spec``."""
+    if "scaling_factor" in w:
+        factor = w.pop("scaling_factor")
+        if not torch.equal(factor, torch.ones_like(factor)):
+            if not spec["finetuning_scaling_factor"]:
+                raise ValueError(f"{path}: holds a scaling_factor but cfg.json's "
+                                 "finetuning_scaling_factor is false")
+            w["finetuning_scaling_factor"] = factor
+    if spec["finetuning_scaling_factor"] and "finetuning_scaling_factor" not in w:
+        spec["finetuning_scaling_factor"] = False  # as SAELens: nothing to apply
+
+
 def read_weights(folder: Path, spec: dict, cfg: dict) -> dict[str, torch.Tensor]:
     """The weights, checked against the config, in float64 (folds lose nothing)."""
     path = folder / WEIGHTS_NAME
@@ -103,6 +120,7 @@ def read_weights(folder: Path, spec: dict, cfg: dict) -> dict[str, torch.Tensor]
         if key in cfg and cfg[key] != width:
             raise ValueError(f"{path}: {CFG_NAME} says {key}={cfg[key]} but W_enc has shape "
                              f"{(d, m)}")
+    _scaling_factor(w, spec, path)
     shapes = _expected_shapes(spec, d, m)
     require_tensors(w, shapes, path)
     unexpected = sorted(set(w) - set(shapes))
