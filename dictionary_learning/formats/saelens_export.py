@@ -1,6 +1,7 @@
 """Writing our dictionaries as SAELens folders (``cfg.json`` v6 style +
 ``sae_weights.safetensors``, optionally ``sparsity.safetensors``), which SAELens's
-``load_from_disk`` and ``saelens.load`` read back.
+``load_from_disk`` (checked with sae-lens 6.54.12, ``tests/crosscheck_formats.py``) and
+``saelens.load`` read back.
 
 ==========================  =========================================================
 our class                   SAELens
