@@ -18,6 +18,7 @@ from dictionary_learning import (ActivationBuffer, AutoEncoder, loss_recovered,
                                  reconstruction_metrics)
 from dictionary_learning.assess import published_submodule, read_target
 from dictionary_learning.cli import main
+from dictionary_learning.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--n-tokens", "600", "--n-loss-texts", "8", "--batch-size", "8"]
@@ -103,7 +104,12 @@ def test_identity_dictionary_recovers_everything(env, capsys, tmp_path):
     assert r["loss_zero"] != pytest.approx(r["loss_clean"], abs=1e-4)
 
 
-def test_tree_with_published_flat_and_no_config(env, capsys, tmp_path):
+def test_tree_with_published_flat_and_no_config(env, capsys, tmp_path, monkeypatch):
+    import dictionary_learning.commands.evaluate as command
+
+    loads = []
+    monkeypatch.setattr(command, "load_model",
+                        lambda name, **kw: loads.append(name) or load_model(name, **kw))
     tree = tmp_path / "dictionaries" / "pythia-70m-deduped"
     layout = {"embed": "gpt_neox.embed_in", "attn_out_layer1": "gpt_neox.layers.1.attention",
               "mlp_out_layer0": "gpt_neox.layers.0.mlp", "resid_out_layer1": "gpt_neox.layers.1"}
@@ -118,6 +124,7 @@ def test_tree_with_published_flat_and_no_config(env, capsys, tmp_path):
                        env["data"], "--n-tokens", "200", "--n-loss-texts", "4", "--batch-size",
                        "8", "--ctx-len", "32")
     assert [r["dictionary"] for r in results] == [f"{c}/10_32768" for c in sorted(layout)]
+    assert loads == [str(env["model"])]  # one model load for the four dictionaries
     for r in results:
         component = r["dictionary"].split("/")[0]
         assert r["submodule"] == layout[component] and r["n_tokens"] == 200
