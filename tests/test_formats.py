@@ -509,6 +509,11 @@ def test_corrupted_and_malformed_files_are_refused(tmp_path):
     torch.save({**sd, "activation_state_dict": {}}, tmp_path / "o2.pt")
     with pytest.raises(ValueError, match=r"o2\.pt: activation_state_dict needs an integer k"):
         load_dictionary(tmp_path / "o2.pt")
+    (tmp_path / "text.pt").write_text("hello world")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(7, 250, 3)))
+    for name in ("text.pt", "noise.pt"):
+        with pytest.raises(ValueError, match=rf"{name} could not be read"):
+            load_dictionary(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no dictionary at"):
         load_dictionary(tmp_path / "nowhere")
     (folder / "cfg.json").unlink()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import struct
 from pathlib import Path
 
 import torch
@@ -31,17 +33,33 @@ def _safe_globals():
     return safe_globals([(MatsConfigStub, MATS_CONFIG_CLASS)])
 
 
+# What torch's weights-only unpickler says when a pickle names a class or function it refuses.
+_GLOBAL_REFUSED = re.compile(r"(unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)",
+                             re.IGNORECASE)
+# Errors that unpickling a corrupted or foreign file raises besides UnpicklingError.
+_CORRUPT = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError, struct.error)
+
+
 def read_pickle(path: Path):
     """The object in a ``torch.save`` file, read with ``weights_only=True`` on CPU."""
     try:
         with _safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to unpickle it: it holds objects other than "
-                         f"tensors and plain data, and loading it could run code ({e})") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} could not be read (truncated or not a torch file?): "
-                         f"{e}") from e
+        refused = _GLOBAL_REFUSED.search(str(e))
+        if refused:
+            raise ValueError(f"{path}: refused to unpickle it: it names an object that is not "
+                             f"a tensor or plain data, and loading it could run code "
+                             f"({refused.group(1)})") from e
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)",
+                           str(e), re.DOTALL)
+        detail = " ".join((reason.group(1) if reason else str(e)).split())[:200]
+        raise ValueError(f"{path} could not be read (corrupted, or not a torch file?): "
+                         f"{detail}") from e
+    except _CORRUPT as e:
+        raise ValueError(f"{path} could not be read (truncated, or not a torch file?): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
