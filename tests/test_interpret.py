@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dictionary_learning.architectures import AutoEncoder
-from dictionary_learning.interpret import ContextCollector, FeatureStatistics, feature_activations
+from dictionary_learning.interpret import (ContextCollector, FeatureStatistics, feature_activations,
+                                            round_significant)
 from dictionary_learning.logit_effects import ablation_effect, logit_lens
 from dictionary_learning.tiny import stdlib_texts, tiny_language_model
 from dictionary_learning.tokens import tokenize_batch
@@ -228,3 +229,11 @@ def test_bad_inputs_are_refused(model, dictionary):
     narrow = AutoEncoder(32, 8)
     with pytest.raises(ValueError, match="width"):
         next(feature_activations(model, SUBMODULE, narrow, ["some text here"], progress=False))
+
+
+def test_round_significant_matches_python_formatting():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000, generator=g, dtype=torch.float64) * torch.exp(
+        torch.randn(20_000, generator=g, dtype=torch.float64) * 8)
+    x[:3] = torch.tensor([0.0, 1234.5678e10, -3.0])
+    assert round_significant(x).tolist() == [float(f"{v:.4g}") for v in x.tolist()]
