@@ -15,6 +15,9 @@ mats_sae_training   one ``.pt``: ``{"cfg", "state_dict"}``      the pickle's two
 openai              one ``.pt``: ``pre_bias``, ``latent_bias``  those keys
 ==================  ==========================================  =============================
 
+Targets are our registered classes; where none computed a format's math, an inference-only
+class was added (``TokenNormalizedSAE``: per-token normalised inputs; ``Transcoder``: sparsify
+transcoders). Every ``config`` returned is plain data with ``"format"`` naming the format.
 Export: ``saelens_export.save_saelens`` writes our dictionaries as SAELens folders.
 """
 

@@ -69,6 +69,8 @@ def convert(sd: dict, path: Path, **kwargs):
     if activation != "TopK":
         raise ValueError(f"{path}: unknown activation {activation!r} (known: ReLU, TopK)")
     k, postact = act_state.get("k"), act_state.get("postact_fn", "ReLU")
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+        k = int(k)
     if not isinstance(k, int) or not 0 < k <= m:
         raise ValueError(f"{path}: activation_state_dict needs an integer k in [1, {m}], "
                          f"got {k!r}")
