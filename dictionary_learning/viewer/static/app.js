@@ -299,6 +299,7 @@ async function init() {
     $("run-info").textContent = `${meta.run} · ${meta.dictionary} (${meta.dict_class}, ` +
       `${fmt(meta.activation_dim)} → ${fmt(meta.dict_size)}) on ${meta.model} ${meta.submodule}` +
       ` (${meta.io}) · ${fmt(meta.n_tokens)} tokens`;
+    $("run-info").title = $("run-info").textContent;  // the whole line, when it is cut short
     const hash = new URLSearchParams(location.hash.slice(1));
     const metric = meta.metrics.includes(hash.get("metric")) ? hash.get("metric") : meta.metrics[0];
     $("metric").replaceChildren(...meta.metrics.map((m) => el("option", { value: m }, m)));
