@@ -11,7 +11,8 @@ convention: without the gain the readout is off by a per-dimension scale).
 Ablation: in each given context the submodule's activation ``x`` is replaced by
 ``x - f_i(x) * W_dec[i]`` at every token: the dictionary's reconstruction minus the
 feature's contribution, plus the dictionary's error term, so nothing but feature ``i``
-changes. The effect on token ``v`` is ``log p_clean(v) - log p_ablated(v)`` of the next-token
+changes. (Where the reconstruction depends on ``x`` itself, as for per-token normalised
+dictionaries, the contribution is ``reconstruct(f, x) - reconstruct(f without i, x)``.) The effect on token ``v`` is ``log p_clean(v) - log p_ablated(v)`` of the next-token
 prediction at the context's max-activating token, averaged over contexts: positive means
 the feature promotes ``v``.
 """
@@ -127,8 +128,14 @@ def ablation_effect(model, submodule, dictionary, feature: int, contexts: list[l
     def patch(x_enc: torch.Tensor, x_out: torch.Tensor | None) -> torch.Tensor:
         target = x_enc if x_out is None else x_out
         rows = x_enc.reshape(-1, x_enc.shape[-1]).to(device=p.device, dtype=p.dtype)
-        f_i = dictionary.encode(rows)[:, feature].reshape(x_enc.shape[:-1])   # [B, T]
-        delta = f_i[..., None] * direction                              # [B, T, d_out]
+        f = dictionary.encode(rows)                                      # [B*T, m]
+        if hasattr(dictionary, "reconstruct"):  # the output depends on x (per-token scale)
+            without = f.clone()
+            without[:, feature] = 0
+            delta = dictionary.reconstruct(f, rows) - dictionary.reconstruct(without, rows)
+        else:
+            delta = f[:, feature, None] * direction                      # [B*T, d_out]
+        delta = delta.reshape(*x_enc.shape[:-1], -1)                     # [B, T, d_out]
         return target - delta.to(device=target.device, dtype=target.dtype)
 
     pad = model.tokenizer.pad_token_id or 0

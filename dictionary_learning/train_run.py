@@ -83,6 +83,7 @@ class TrainRun:
         (0.125, 0.125, 0.25, 0.5), "matryoshka: nested group sizes as fractions of the size")
     steps: int | None = _opt(None, "training steps (default: from --tokens, else until the "
                              "text runs out)")
+    epochs: int = _opt(1, "passes over the training text (for small local corpora)")
     tokens: int | None = _opt(None, "training activations (steps = tokens / batch size)")
     batch_size: int = _opt(4096, "activations per training batch")
     ctx_len: int = _opt(128, "tokens per context")
@@ -117,6 +118,8 @@ class TrainRun:
         for name in ("batch_size", "ctx_len", "n_ctxs", "refresh_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.eval_texts < 1 or not 0 < self.eval_loss_texts <= self.eval_texts:
             raise ValueError("need eval_texts >= 1 and 0 < eval_loss_texts <= eval_texts")
         if abs(sum(self.group_fractions) - 1) > 1e-6 or min(self.group_fractions) <= 0:
@@ -134,9 +137,9 @@ class TrainRun:
 PRESETS: dict[str, dict] = {
     "demo": dict(
         model="demo", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
-        sparsity_penalty=(0.04,), steps=1200, batch_size=1024, ctx_len=64, n_ctxs=400,
-        refresh_batch_size=32, warmup_steps=100, resample_steps=300, save_steps=200,
-        save_dir="runs/demo", eval_texts=400, eval_loss_texts=200),
+        sparsity_penalty=(0.3,), steps=500, epochs=4, pack=True, batch_size=1024,
+        ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=50, resample_steps=200,
+        save_steps=200, save_dir="runs/demo", eval_texts=150, eval_loss_texts=150),
 }
 """Named sets of defaults. ``demo`` needs no network: the small model trained here once
 and cached (:mod:`dictionary_learning.demo_lm`) and the standard library's docstrings."""
@@ -147,10 +150,13 @@ ARGS_NAME = "train_args.json"
 def dictionary_class(arch: str) -> str:
     """The registered class name of an ``--arch`` name (short or full)."""
     name = ARCHITECTURES.get(arch.lower(), arch)
-    if name not in DICTIONARY_CLASSES:
-        raise ValueError(f"unknown architecture {arch!r}: use one of "
-                         f"{', '.join(ARCHITECTURES)} or a class name "
-                         f"({', '.join(sorted(DICTIONARY_CLASSES))})")
+    trainable = sorted(n for n, c in DICTIONARY_CLASSES.items()
+                       if not getattr(c, "inference_only", False))
+    if name not in trainable:
+        what = "loads files of other tools but cannot be trained" if name in \
+            DICTIONARY_CLASSES else "is unknown"
+        raise ValueError(f"architecture {arch!r} {what}: use one of "
+                         f"{', '.join(ARCHITECTURES)} or a class name ({', '.join(trainable)})")
     return name
 
 
@@ -234,6 +240,7 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
     resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
     texts = open_texts(run.data, text_field=run.text_field)
     held_out = list(islice(texts, run.eval_texts))
+    texts = _epochs(texts, run)
     if resume:
         skip = checkpoint_texts_read(save_dir, n_saved) or 0
         logger.info("resuming: skipping the %d training texts read before the checkpoint", skip)
@@ -264,6 +271,16 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
     metrics = evaluate_held_out(dictionaries, folders, held_out, model, submodule, run,
                                 progress=progress)
     return RunResult(folders, configs, metrics)
+
+
+def _epochs(first_pass, run: TrainRun):
+    """The training documents ``run.epochs`` times over: ``first_pass`` (already past the
+    held-out documents), then the source reopened, skipping the held-out ones each time."""
+    from .sources import open_texts
+
+    yield from first_pass
+    for _ in range(run.epochs - 1):
+        yield from islice(open_texts(run.data, text_field=run.text_field), run.eval_texts, None)
 
 
 def _saved_config_count(save_dir: Path) -> int:

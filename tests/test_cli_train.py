@@ -131,7 +131,8 @@ def test_interrupted_run_resumes_to_the_final_step(model_dir, data_file, tmp_pat
     (["--submodule", "gpt_neox.layers.1.mpl"], "nearest names: gpt_neox.layers.1.mlp"),
     (["--submodule", "7.mlp"], "the model has 2 layers"),
     (["--data", "missing/docs.jsonl"], "no data file or folder at missing/docs.jsonl"),
-    (["--arch", "sparsest"], "unknown architecture 'sparsest'"),
+    (["--arch", "sparsest"], "architecture 'sparsest' is unknown"),
+    (["--arch", "TokenNormalizedSAE"], "loads files of other tools but cannot be trained"),
     (["--l1", "1e-3,x"], None),
 ])
 def test_bad_input_is_one_clear_line(model_dir, data_file, tmp_path, capsys, args, message):

@@ -237,3 +237,44 @@ def test_round_significant_matches_python_formatting():
         torch.randn(20_000, generator=g, dtype=torch.float64) * 8)
     x[:3] = torch.tensor([0.0, 1234.5678e10, -3.0])
     assert round_significant(x).tolist() == [float(f"{v:.4g}") for v in x.tolist()]
+
+
+def test_ablation_of_a_per_token_normalised_dictionary(model, texts):
+    """Where the reconstruction is rescaled per token (OpenAI TopK, SAELens layer_norm), the
+    feature's contribution to the activation is ``f_i * W_dec[i] * s(x)``."""
+    from dictionary_learning.architectures.token_normalized import TokenNormalizedSAE
+
+    torch.manual_seed(3)
+    sae = TokenNormalizedSAE(64, 96, k=8)
+    contexts = [model.tokenizer(t)["input_ids"][:10] for t in texts[:3]]
+    positions = [9, 9, 9]
+    mlp = model._module.get_submodule(SUBMODULE)
+    seen = []
+    # Layer 1 is the last layer: only the MLP output at the scored position matters.
+    handle = mlp.register_forward_hook(lambda mod, inp, out: seen.append(out[0, -1:]))
+    with torch.no_grad():
+        for c in contexts:
+            model._module(input_ids=torch.tensor([c]))
+    handle.remove()
+    feature = int(sae.encode(torch.cat(seen)).count_nonzero(dim=0).argmax())  # fires there
+    with torch.no_grad():
+        sae.W_dec[feature].mul_(30)
+
+    def hand(context, ablate):
+        def hook(mod, inp, out):
+            s = sae.normalization_stats(out)[1]
+            return out - sae.encode(out)[..., feature, None] * sae.W_dec[feature] * s
+        handle = mlp.register_forward_hook(hook) if ablate else None
+        try:
+            with torch.no_grad():
+                logits = model._module(input_ids=torch.tensor([context])).logits[0]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    expected = torch.stack([hand(c, False)[q] - hand(c, True)[q]
+                            for c, q in zip(contexts, positions)]).mean(dim=0)
+    effect = ablation_effect(model, SUBMODULE, sae, feature, contexts, positions)
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(effect, expected, rtol=1e-3, atol=2e-5)
