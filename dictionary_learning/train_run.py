@@ -137,7 +137,7 @@ class TrainRun:
 PRESETS: dict[str, dict] = {
     "demo": dict(
         model="demo", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
-        sparsity_penalty=(0.3,), steps=500, epochs=4, pack=True, batch_size=1024,
+        sparsity_penalty=(1.0,), steps=500, epochs=4, pack=True, batch_size=1024,
         ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=50, resample_steps=200,
         save_steps=200, save_dir="runs/demo", eval_texts=150, eval_loss_texts=150),
 }
