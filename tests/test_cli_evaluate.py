@@ -227,3 +227,27 @@ def test_stretcher_reads_input_output_pairs(env, capsys, tmp_path):
     assert main(["evaluate", str(narrow), "--model", str(env["model"]), "--submodule", "1.mlp",
                  "--io", "in_to_out", "--data", str(env["data"]), *SMALL]) == 2
     assert "width 32, but gpt_neox.layers.1.mlp (in_to_out) has width 64" in capsys.readouterr().err
+
+
+def test_load_options_reach_the_format_reader(env, capsys, tmp_path):
+    """A SAELens folder normalised with expected_average_only_in needs its scaling factor:
+    refused without it, and with a factor of 1 it computes what the exported dictionary
+    does, so its row equals the original's."""
+    from dictionary_learning.formats import save_saelens
+
+    folder = tmp_path / "saelens"
+    save_saelens(env["ae"], folder, model_name=str(env["model"]),
+                 hook_name="gpt_neox.layers.1.mlp")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["normalize_activations"] = "expected_average_only_in"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    target = ["--model", env["model"], "--submodule", "1.mlp", "--ctx-len", 32, "--data",
+              env["data"], *SMALL]
+    assert main(["evaluate", str(folder), *map(str, target)]) == 2
+    assert "norm_scaling_factor" in capsys.readouterr().err
+    [ours] = run_json(capsys, env["nested"], "--data", env["data"], *SMALL)
+    [theirs] = run_json(capsys, folder, *target, "--load-option", "norm_scaling_factor=1")
+    for key in ("mse", "l0", "frac_variance_explained", "loss_patched"):
+        assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7), key
+    assert main(["evaluate", str(folder), "--load-option", "oops", *map(str, target)]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -32,6 +32,10 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dict-size", type=int, help="number of features, checked against the weights")
     g.add_argument("--dict-class", help="dictionary class of an ae.pt whose config.json names "
                    "none, e.g. BatchTopKSAE (default: from config.json or the weights' keys)")
+    g.add_argument("--load-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for reading another tool's format, e.g. "
+                   "hookpoint=layers.3.mlp (a sparsify folder of several hookpoints) or "
+                   "norm_scaling_factor=0.37 (SAELens expected_average_only_in); repeatable")
     d = p.add_argument_group("held-out text")
     d.add_argument("--data", default=DEFAULT_DATA, help="'stdlib', a local .jsonl/.jsonl.zst/"
                    ".txt file or folder, or a HF dataset name (default: %(default)s, streamed)")
@@ -75,13 +79,28 @@ def assessed(args: argparse.Namespace, loss: bool):
 
     overrides = {"model": args.model, "submodule": args.submodule, "io": args.io,
                  "ctx_len": args.ctx_len}
-    widths = {"activation_dim": args.activation_dim, "dict_size": args.dict_size}
+    widths = {"activation_dim": args.activation_dim, "dict_size": args.dict_size,
+              **load_options(args.load_option)}
     results = assess(paths, open_model, lambda: _texts(args.data, args.skip_texts),
                      overrides=overrides, device=device, dict_class=args.dict_class,
                      widths=widths, n_tokens=args.n_tokens,
                      n_loss_texts=getattr(args, "n_loss_texts", 0), batch_size=args.batch_size,
                      loss=loss, seed=args.seed)
     return paths, results
+
+
+def load_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as keyword arguments of ``load_dictionary`` (numbers parsed)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--load-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
 def display_name(path: Path, paths: list[Path], given: list[str]) -> str:
