@@ -206,12 +206,13 @@ def _variants(run: TrainRun, cls: str, size: int):
             yield {}, penalty
 
 
-def open_model(name: str, device: str = "cpu", dtype: str = "float32"):
+def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress: bool = True):
     """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder."""
     if name == "demo":
         from . import demo_lm
 
-        return demo_lm.demo_language_model(device=device, config=demo_lm.DEMO_LM_CONFIG)
+        return demo_lm.demo_language_model(device=device, progress=progress,
+                                           config=demo_lm.DEMO_LM_CONFIG)
     from .sources import load_model
 
     return load_model(name, device=device, dtype=None if dtype == "float32" else dtype)
@@ -234,8 +235,8 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
 
     save_dir = Path(run.save_dir)
     n_saved = _saved_config_count(save_dir) if resume else None  # fails fast
-    torch.manual_seed(run.seed)
-    model = open_model(run.model, run.device, run.dtype)
+    model = open_model(run.model, run.device, run.dtype, progress=progress)
+    torch.manual_seed(run.seed)  # after the model: building the demo LM draws numbers too
     submodule = submodule_path(model, run.submodule)
     resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
     texts = open_texts(run.data, text_field=run.text_field)
