@@ -10,7 +10,8 @@ from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopK
                          GatedAutoEncoder, IdentityDict, JumpReluAutoEncoder,
                          MatryoshkaBatchTopKSAE, MLPStretcher)
 from .loading import load_dictionary
-from .training import Trainer, TrainerConfig, trainSAE, train_dictionaries
+from .trainer import Trainer, TrainerConfig
+from .training import trainSAE, train_dictionaries
 
 __all__ = [
     "ActivationBuffer",

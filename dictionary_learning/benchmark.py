@@ -30,7 +30,8 @@ from .cpu_memory import keep_freed_memory
 from .submodules import hidden_states
 from .tiny import stdlib_texts, train_tokenizer
 from .tokens import tokenize_batch
-from .training import Trainer, TrainerConfig, train_dictionaries
+from .trainer import Trainer, TrainerConfig
+from .training import train_dictionaries
 
 logger = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def dictionary_class(arch: str) -> str:
 def trainer_configs(run: TrainRun, d_in: int, d_out: int):
     """One :class:`~dictionary_learning.training.TrainerConfig` per combination of the
     sweep's values that matter to its architecture (duplicates dropped, order kept)."""
-    from .training import TrainerConfig
+    from .trainer import TrainerConfig
 
     sizes = run.dict_size or tuple(e * d_in for e in run.expansion)
     configs = []

@@ -3,9 +3,10 @@
 Each dictionary is described by a :class:`TrainerConfig`. The loop asks each dictionary
 for its named loss terms (``Dictionary.loss_terms``), sums them with the sparsity term
 weighted by ``sparsity_penalty``, takes an Adam step and lets the dictionary keep its
-constraints. Everything else (learning-rate warm-up and decay, sparsity warm-up, gradient
-clipping, activation normalisation, dead-feature resampling, checkpoints, logging) lives
-here, once, for every architecture.
+constraints. Everything else lives once, for every architecture: per dictionary in
+:mod:`dictionary_learning.trainer` (learning-rate warm-up and decay, sparsity warm-up,
+gradient clipping, activation normalisation, dead-feature resampling), and here (the
+stream shared by all dictionaries, checkpoints, resuming, Ctrl-C, logging).
 
 Loss of the classic ``AutoEncoder`` (per batch of B tokens):
     mse     = mean_t ||x_t - x_hat_t||^2
@@ -16,296 +17,25 @@ Other architectures name their own terms (TopK: ``mse`` + ``auxk``; JumpReLU: ``
 ``l0_deviation``; Gated: ``mse`` + ``l1`` + ``aux``).
 """
 
+
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import signal
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .base import PENALTIES, Dictionary, LossContext, LossOutput, feature_rows
-from . import architectures  # noqa: F401 - registers every dictionary class
-from .registry import get_dictionary_class
+from .base import Dictionary
 from .saving import CheckpointWriter, checkpoint_steps, read_trainer_state
+from .trainer import StepResult, Trainer, TrainerConfig  # noqa: F401 - part of this API
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """One dictionary to train. Unknown keyword arguments are an error."""
-
-    activation_dim: int
-    """Width of the activations fed to the encoder."""
-    dict_size: int
-    """Number of features (m)."""
-    lr: float = 1e-3
-    """Peak Adam learning rate."""
-    sparsity_penalty: float = 1e-3
-    """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
-    architectures whose sparsity is structural (TopK)."""
-    penalty: str = "l1"
-    """Sparsity term of architectures that offer a choice: ``"l1"`` or ``"entropy"``."""
-    dict_class: str = "AutoEncoder"
-    """Registered dictionary class."""
-    output_dim: int | None = None
-    """Width of the reconstruction target when it differs (``MLPStretcher``)."""
-    dict_kwargs: dict = field(default_factory=dict)
-    """Further constructor arguments of the class (``k``, ``group_sizes``, ...)."""
-    warmup_steps: int = 1000
-    """Linear learning-rate warm-up, from the start and again after each resampling."""
-    decay_start: int | None = None
-    """Step from which the learning rate decays linearly to 0 at the last step (needs a
-    known number of steps)."""
-    sparsity_warmup_steps: int | None = None
-    """Linear warm-up of the sparsity penalty from 0 over this many steps."""
-    grad_clip_norm: float | None = None
-    """Clip the gradient's global norm to this value."""
-    normalize_activations: bool = False
-    """Train on activations scaled to an average norm of sqrt(activation_dim); the scale is
-    folded back into the saved weights, so saved dictionaries take raw activations."""
-    resample_steps: int | None = None
-    """Every this many steps, features that did not fire in the window are resampled."""
-    dead_feature_tokens: int = 10_000_000
-    """A feature that has not fired for this many tokens is dead (for AuxK-style losses)."""
-    submodule: str | None = None
-    """Which submodule's activations to train on, when the stream serves several."""
-    autocast_dtype: str | None = None
-    """Run the dictionary's forward and loss under autocast to this dtype (``"bfloat16"``);
-    parameters and optimizer state stay in full precision."""
-    seed: int | None = 0
-    """Seed for the dictionary's initialisation."""
-
-    def __post_init__(self):
-        if self.penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {sorted(PENALTIES)}, got {self.penalty!r}")
-        get_dictionary_class(self.dict_class)  # raises on an unknown name
-        for name in ("activation_dim", "dict_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "decay_start", "sparsity_warmup_steps", "grad_clip_norm",
-                     "resample_steps", "dead_feature_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name in ("warmup_steps", "decay_start")
-                                              else 1e-12):
-                raise ValueError(f"{name} must be positive (or None), got {value}")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got "
-                             f"{self.autocast_dtype!r}")
-        if self.lr <= 0 or self.sparsity_penalty < 0:
-            raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
-                             f"sparsity_penalty={self.sparsity_penalty}")
-
-    def build(self) -> Dictionary:
-        cls = get_dictionary_class(self.dict_class)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        extra = dict(self.dict_kwargs)
-        if self.output_dim is not None:
-            extra["output_dim"] = self.output_dim
-        try:
-            return cls(self.activation_dim, self.dict_size, **extra)
-        except TypeError as e:
-            raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
-
-
-class StepResult(NamedTuple):
-    """What one step leaves behind: the total loss, the loss terms and features, and the
-    (scaled) target the reconstruction was compared with."""
-
-    loss: torch.Tensor
-    out: LossOutput
-    target: torch.Tensor
-    lr: float
-
-
-class Trainer:
-    """The optimisation state of one dictionary: optimizer, schedules, dead-feature counts."""
-
-    def __init__(self, config: TrainerConfig, device: str | torch.device = "cpu",
-                 total_steps: int | None = None):
-        self.config, self.device = config, torch.device(device)
-        self.total_steps = total_steps
-        if config.decay_start is not None and total_steps is None:
-            raise ValueError("decay_start needs a known number of steps: pass steps")
-        self.dictionary = config.build().to(device)
-        self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=config.lr)
-        m = self.dictionary.dict_size
-        self.steps_since_active = torch.zeros(m, dtype=torch.long, device=device)
-        self.tokens_since_active = torch.zeros(m, dtype=torch.long, device=device)
-        self.warm_start = 0        # step at which the current warm-up began
-        self.n_resampled = 0
-        self.activation_scale = 1.0  # activations are multiplied by this before training
-        self.autocast_dtype = (None if config.autocast_dtype is None
-                               else getattr(torch, config.autocast_dtype))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.dictionary.parameters(), torch.empty(0)).dtype
-
-    @torch.no_grad()
-    def start(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        """Before the first step: with ``normalize_activations``, the factor that gives the
-        first batch (a random sample of a shuffled buffer) an average norm of sqrt(d); then
-        the dictionary's data-dependent initialisation."""
-        if self.config.normalize_activations:
-            mean_norm = float(x.norm(dim=-1).mean())
-            if mean_norm <= 0:
-                raise ValueError("the first batch of activations is all zeros: cannot "
-                                 "normalise")
-            self.activation_scale = x.shape[-1] ** 0.5 / mean_norm
-        self.dictionary.init_from_data(x * self.activation_scale, target * self.activation_scale)
-
-    def lr_at(self, step: int) -> float:
-        cfg = self.config
-        factor = 1.0 if cfg.warmup_steps == 0 else min(
-            1.0, (step - self.warm_start + 1) / cfg.warmup_steps)
-        if cfg.decay_start is not None and step >= cfg.decay_start:
-            span = max(1, self.total_steps - cfg.decay_start)
-            factor *= max(0.0, 1.0 - (step - cfg.decay_start) / span)
-        return cfg.lr * factor
-
-    def sparsity_coefficient(self, step: int) -> float:
-        warm = self.config.sparsity_warmup_steps
-        factor = 1.0 if not warm else min(1.0, (step + 1) / warm)
-        return self.config.sparsity_penalty * factor
-
-    def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> StepResult:
-        """One Adam step on a batch. Cheap to return; :meth:`summary` turns the result into
-        logged numbers when the loop wants them (not every step)."""
-        cfg, ae = self.config, self.dictionary
-        if self.activation_scale != 1.0:
-            x, target = x * self.activation_scale, target * self.activation_scale
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        ctx = LossContext(penalty=cfg.penalty,
-                          dead=self.tokens_since_active >= cfg.dead_feature_tokens)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            out = ae.loss_terms(x, target, ctx)
-        loss = sum(value * (self.sparsity_coefficient(step) if name == out.sparsity else 1.0)
-                   for name, value in out.terms.items())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ae.constrain_gradients()
-        if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip_norm)
-        self.optimizer.step()
-        ae.apply_constraints(out)
-
-        with torch.no_grad():
-            # Features of every trainable architecture are non-negative: a feature fired
-            # on the batch iff its maximum is positive (cheaper than a mask).
-            fired = out.features.amax(dim=0) > 0
-            self.steps_since_active += 1
-            self.steps_since_active[fired] = 0
-            self.tokens_since_active += x.shape[0]
-            self.tokens_since_active[fired] = 0
-            if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
-                self.resample_dead(step, x, target)
-        return StepResult(loss.detach(), out, target, lr)
-
-    @staticmethod
-    @torch.no_grad()
-    def summary(result: StepResult) -> dict[str, float]:
-        """Logged numbers of a step: every loss term, the total, L0, the fraction of
-        variance explained on the batch, and the learning rate."""
-        terms, f, target = result.out.terms, result.out.features, result.target
-        variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
-        logged = {name: float(v) for name, v in terms.items()}
-        logged["loss"] = float(result.loss)
-        logged["l0"] = float(torch.count_nonzero(f != 0)) / f.shape[0]
-        logged["frac_variance_explained"] = float(1 - terms["mse"] / variance)
-        logged["lr"] = result.lr
-        return logged
-
-    def state(self) -> dict:
-        """Everything a later run needs to continue exactly where this one is: the
-        training-time dictionary (before folding the activation scale), the optimizer, the
-        dead-feature counters and the schedule's bookkeeping."""
-        return {
-            "dictionary": self.dictionary.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "steps_since_active": self.steps_since_active,
-            "tokens_since_active": self.tokens_since_active,
-            "warm_start": self.warm_start,
-            "activation_scale": self.activation_scale,
-            "n_resampled": self.n_resampled,
-        }
-
-    def load_state(self, state: dict) -> None:
-        """Continue from :meth:`state` of an earlier run of the same config."""
-        try:
-            self.dictionary.load_state_dict(state["dictionary"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except KeyError as e:
-            raise ValueError(f"trainer state lacks {e}: it was written by an older version "
-                             "that cannot be resumed; start a new run") from None
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"the checkpoint does not fit this trainer ({e}); resume with "
-                             "the arguments of the run that wrote it") from e
-        self.steps_since_active = state["steps_since_active"].to(self.device)
-        self.tokens_since_active = state["tokens_since_active"].to(self.device)
-        self.warm_start = int(state["warm_start"])
-        self.activation_scale = float(state["activation_scale"])
-        self.n_resampled = int(state["n_resampled"])
-
-    def raw_dictionary(self) -> Dictionary:
-        """The dictionary as it applies to raw activations: with ``normalize_activations``
-        the scale is folded into a copy's biases; otherwise the dictionary itself."""
-        if self.activation_scale == 1.0:
-            return self.dictionary
-        raw = copy.deepcopy(self.dictionary)
-        raw.scale_biases(1.0 / self.activation_scale)
-        return raw
-
-    @torch.no_grad()
-    def resample_dead(self, step: int, x: torch.Tensor, target: torch.Tensor) -> int:
-        """Re-initialise features that have not fired in the last ``resample_steps`` steps.
-
-        As in Anthropic's "Towards Monosemanticity": inputs are drawn with probability
-        proportional to their squared reconstruction loss; a dead feature's decoder row
-        becomes the drawn target direction, its encoder row the drawn input direction
-        scaled to 0.2 x the mean norm of living encoder rows, its encoder bias 0. Adam's
-        moments for those features are reset and the learning rate warms up again.
-        """
-        ae = self.dictionary
-        dead = self.steps_since_active >= self.config.resample_steps
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
-        losses = (target - ae(x)).pow(2).sum(dim=-1)
-        if float(losses.sum()) <= 0:
-            return 0
-        idx = torch.multinomial(losses.pow(2), n_dead, replacement=n_dead > len(losses))
-        x_dir = x[idx] / x[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        t_dir = target[idx] / target[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        alive_norm = ae.W_enc[~dead].norm(dim=-1).mean() if (~dead).any() else 1.0
-        ae.W_enc[dead] = x_dir.to(ae.W_enc.dtype) * alive_norm * 0.2
-        ae.W_dec[dead] = t_dir.to(ae.W_dec.dtype)
-        if ae.b_enc is not None:
-            ae.b_enc[dead] = 0.0
-        for param, axis in ae.feature_parameters().values():
-            for moment in self.optimizer.state.get(param, {}).values():
-                if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
-                    feature_rows(moment, axis)[dead] = 0.0
-        self.steps_since_active[dead] = 0
-        self.tokens_since_active[dead] = 0
-        self.warm_start = step + 1
-        self.n_resampled += n_dead
-        logger.info("step %d: resampled %d dead features of %s", step, n_dead,
-                    self.config.dict_class)
-        return n_dead
 
 
 def select_batch(batch, submodule: str | None):
