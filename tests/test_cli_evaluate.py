@@ -105,7 +105,7 @@ def test_identity_dictionary_recovers_everything(env, capsys, tmp_path):
 
 
 def test_tree_with_published_flat_and_no_config(env, capsys, tmp_path, monkeypatch):
-    import dictionary_learning.commands.evaluate as command
+    import dictionary_learning.cli.evaluate as command
 
     loads = []
     monkeypatch.setattr(command, "load_model",

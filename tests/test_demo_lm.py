@@ -93,7 +93,7 @@ def test_second_call_loads_from_cache_without_training(built, monkeypatch):
 
 
 def test_cache_folder_is_an_ordinary_model_folder(built):
-    from dictionary_learning.commands.common import load_model
+    from dictionary_learning.sources import load_model
 
     model, folder = built
     loaded = load_model(str(folder))

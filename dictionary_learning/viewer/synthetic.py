@@ -1,8 +1,7 @@
 """A synthetic analysis run folder, in exactly the format ``analyze`` writes: for trying the
 viewer without a trained dictionary, and for testing it at any size.
 
-    from dictionary_learning.viewer.synthetic import write_synthetic_run
-    write_synthetic_run("runs/fake", n_features=10_000)
+    write_synthetic_run("runs/fake", n_features=10_000)   # then: viewer runs/fake
 
 The numbers are random (seeded) but consistent with each other: a feature's max activation
 is the largest value in its contexts and histogram, density 0 means no contexts.

@@ -1,8 +1,9 @@
 """Command line: ``python -m dictionary_learning COMMAND ...`` (or ``dictionary-learning``).
 
-Each command is a module of :mod:`dictionary_learning.commands` with ``add_parser(sub)``,
-which registers its arguments and sets ``func``. Entry points parse arguments and call
-library functions; the logic lives in the library.
+Each command is a module of this package (``cli/train.py``, ``cli/evaluate.py``, ...) with
+``add_parser(sub)``, which adds the command's parser and sets ``func`` to a function of the
+parsed arguments returning an exit status; ``common.py`` holds what they share. Commands
+parse arguments, call library functions and print results; the logic lives in the library.
 
 Errors a user can fix (a bad path, an unknown submodule, a width mismatch, no network)
 print one line, ``error: ...``, and exit with status 2; ``--debug`` shows the traceback.
@@ -16,9 +17,8 @@ import logging
 import pkgutil
 import sys
 
-from . import commands
-from .commands.common import USER_ERRORS, CLIError
-from .cpu_memory import keep_freed_memory
+from ..cpu_memory import keep_freed_memory
+from .common import USER_ERRORS, CLIError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "add_parser"):
             module.add_parser(sub)
     return parser
