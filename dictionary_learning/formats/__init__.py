@@ -1,8 +1,8 @@
 """Converters from other tools' dictionary files to this project's classes.
 
-One module per foreign format, each with ``detect(path) -> bool`` and
-``load(path, **options) -> (dictionary, config)``; formats stored as one pickle also offer
-``recognise(obj)`` and ``convert(obj, path, **options)`` so the file is read once.
+One module per foreign format. Folder formats offer ``detect(path) -> bool`` and
+``load(path, **options) -> (dictionary, config)``; formats stored as one pickle offer
+``recognise(obj)`` and ``convert(obj, path, **options)`` instead, so the file is read once.
 ``loading.load_dictionary`` dispatches here; our own ``ae.pt`` folders stay in ``loading``.
 
 ==================  ==========================================  =============================

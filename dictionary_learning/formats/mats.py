@@ -13,23 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..architectures import AutoEncoder
-from .common import MatsConfigStub, load_into, plain, read_pickle, require_tensors
+from .common import MatsConfigStub, load_into, plain, require_tensors
 
 NAME = "mats_sae_training"
 
 
 def recognise(obj) -> bool:
     return isinstance(obj, dict) and set(obj) == {"cfg", "state_dict"}
-
-
-def detect(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_file() and path.suffix in (".pt", ".pth") and recognise(read_pickle(path))
-
-
-def load(path: str | Path, **kwargs):
-    path = Path(path)
-    return convert(read_pickle(path), path, **kwargs)
 
 
 def convert(obj: dict, path: Path, **kwargs):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..architectures import AutoEncoder, TokenNormalizedSAE
-from .common import load_into, plain, read_pickle, require_tensors
+from .common import load_into, plain, require_tensors
 
 logger = logging.getLogger(__name__)
 NAME = "openai"
@@ -31,16 +31,6 @@ STATS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_squ
 def recognise(obj) -> bool:
     """Whether an unpickled object is an OpenAI SAE state dict."""
     return isinstance(obj, dict) and "pre_bias" in obj and "latent_bias" in obj
-
-
-def detect(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_file() and path.suffix in (".pt", ".pth") and recognise(read_pickle(path))
-
-
-def load(path: str | Path, **kwargs):
-    path = Path(path)
-    return convert(read_pickle(path), path, **kwargs)
 
 
 def convert(sd: dict, path: Path, **kwargs):
