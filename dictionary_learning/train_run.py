@@ -189,8 +189,8 @@ def trainer_configs(run: TrainRun, d_in: int, d_out: int):
 def _variants(run: TrainRun, cls: str, size: int):
     """``(dict_kwargs, sparsity_penalty)`` pairs of one architecture and size."""
     if cls in _TOPK_FAMILY:
-        start = {} if run.total_steps is None or cls not in _THRESHOLD_ESTIMATED else {
-            "threshold_start_step": min(1000, run.total_steps // 4)}
+        start = {} if run.total_steps is None or cls not in _THRESHOLD_ESTIMATED else \
+            _threshold_schedule(run.total_steps)
         for k in run.k:
             extra = {"k": k, **start}
             if cls == "MatryoshkaBatchTopKSAE":
@@ -204,6 +204,17 @@ def _variants(run: TrainRun, cls: str, size: int):
     else:
         for penalty in run.sparsity_penalty or (1e-3,):
             yield {}, penalty
+
+
+def _threshold_schedule(total_steps: int) -> dict:
+    """When a batch-top-k dictionary starts estimating its inference threshold, and how fast
+    the running average forgets: upstream's 1000 steps and 0.999 for long runs; in a short
+    run, a quarter of it and a horizon of a tenth of the rest, so the threshold reflects the
+    trained dictionary rather than its first steps (0.999 over 375 steps keeps 69% of the
+    first estimate)."""
+    start = min(1000, total_steps // 4)
+    beta = min(0.999, max(0.0, 1 - 10 / max(1, total_steps - start)))
+    return {"threshold_start_step": start, "threshold_beta": beta}
 
 
 def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress: bool = True):

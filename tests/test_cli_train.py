@@ -188,3 +188,19 @@ def test_demo_preset_runs_offline(tmp_path, monkeypatch, capsys):
     assert config["trainer"]["lm_name"] == str(demo_lm.demo_lm_path(tiny))
     for name in ("training_curves.png", "feature_frequencies.png"):
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_short_runs_estimate_the_batch_topk_threshold_within_the_run():
+    from dictionary_learning.train_run import TrainRun, trainer_configs
+
+    def kwargs(steps):
+        run = TrainRun(arch=("batchtopk", "matryoshka", "topk"), steps=steps, k=(8,))
+        return [c.dict_kwargs for c in trainer_configs(run, 64, 64)]
+
+    batch, matryoshka, topk = kwargs(500)
+    assert batch["threshold_start_step"] == 125 == matryoshka["threshold_start_step"]
+    # The running average's horizon 1 / (1 - beta) is a tenth of the steps that remain.
+    assert 1 / (1 - batch["threshold_beta"]) == pytest.approx(375 / 10)
+    assert "threshold_beta" not in topk
+    long_run = kwargs(100_000)[0]
+    assert (long_run["threshold_start_step"], long_run["threshold_beta"]) == (1000, 0.999)
