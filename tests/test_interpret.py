@@ -169,14 +169,16 @@ def test_logit_lens_equals_unembedding_product(model, dictionary):
             torch.testing.assert_close(lens["suppressed"][0][row], logits[order.flip(0)[:10]])
 
 
-def _hand_logprobs(model, dictionary, context, feature=None, io="out"):
+def _hand_logprobs(model, dictionary, context, feature=None, io="out", contribution=None):
     """Log-probabilities [T, V] of one unpadded context, with ``feature`` subtracted from the
     MLP's output (io "out"), its input ("in"), or its output using the input's features
-    ("in_to_out"), by a plain hook."""
+    ("in_to_out"), by a plain hook. ``contribution(x)``: the feature's part of ``x``
+    (default ``f_i(x) * W_dec[i]``)."""
     mlp = model._module.get_submodule(SUBMODULE)
 
-    def contribution(x):
-        return dictionary.encode(x)[..., feature, None] * dictionary.W_dec[feature]
+    if contribution is None:
+        def contribution(x):
+            return dictionary.encode(x)[..., feature, None] * dictionary.W_dec[feature]
 
     handle = None
     if feature is not None and io == "in":
@@ -260,21 +262,14 @@ def test_ablation_of_a_per_token_normalised_dictionary(model, texts):
     with torch.no_grad():
         sae.W_dec[feature].mul_(30)
 
-    def hand(context, ablate):
-        def hook(mod, inp, out):
-            s = sae.normalization_stats(out)[1]
-            return out - sae.encode(out)[..., feature, None] * sae.W_dec[feature] * s
-        handle = mlp.register_forward_hook(hook) if ablate else None
-        try:
-            with torch.no_grad():
-                logits = model._module(input_ids=torch.tensor([context])).logits[0]
-        finally:
-            if handle is not None:
-                handle.remove()
-        return torch.log_softmax(logits.float(), dim=-1)
+    def scaled(x):  # the per-token scale s(x) multiplies the feature's decoded part
+        return sae.encode(x)[..., feature, None] * sae.W_dec[feature] \
+            * sae.normalization_stats(x)[1]
 
-    expected = torch.stack([hand(c, False)[q] - hand(c, True)[q]
-                            for c, q in zip(contexts, positions)]).mean(dim=0)
+    expected = torch.stack([
+        _hand_logprobs(model, sae, c)[q]
+        - _hand_logprobs(model, sae, c, feature, contribution=scaled)[q]
+        for c, q in zip(contexts, positions)]).mean(dim=0)
     effect = ablation_effect(model, SUBMODULE, sae, feature, contexts, positions)
     assert expected.abs().max() > 1e-4
     torch.testing.assert_close(effect, expected, rtol=1e-3, atol=2e-5)
