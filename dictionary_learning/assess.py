@@ -31,8 +31,7 @@ import torch
 
 from .buffer import ActivationBuffer
 from .evaluation import loss_recovered, reconstruction_metrics
-from .loading import CONFIG_NAME, WEIGHTS_NAME, load_dictionary, read_config, read_state_dict
-from .registry import get_dictionary_class
+from .loading import CONFIG_NAME, WEIGHTS_NAME, load_dictionary, read_config
 from .submodules import submodule_path
 
 logger = logging.getLogger(__name__)
@@ -148,25 +147,6 @@ def read_target(path: str | os.PathLike, config: dict | None = None, **overrides
     return replace(target, **given) if given else target
 
 
-def open_dictionary(path: str | os.PathLike, device: str = "cpu", dict_class: str | None = None,
-                    **widths):
-    """``(dictionary, config)`` of a dictionary location. ``dict_class`` forces the class of
-    an ``ae.pt`` whose config names none (or names another); widths are checked as by
-    :func:`load_dictionary`."""
-    path = Path(path)
-    widths = {k: v for k, v in widths.items() if v is not None}
-    if dict_class is None:
-        return load_dictionary(path, device=device, **widths)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    dictionary = get_dictionary_class(dict_class).from_state_dict(read_state_dict(weights),
-                                                                  **widths)
-    for name, value in widths.items():
-        if getattr(dictionary, name, value) != value:
-            raise ValueError(f"{weights}: {name} is {getattr(dictionary, name)} in the weights, "
-                             f"not {value} as given")
-    return dictionary.to(device), read_config(weights.parent)
-
-
 def check_widths(dictionary, buffer: ActivationBuffer, where: str) -> None:
     """Raise a ``ValueError`` naming both widths when the dictionary does not fit the
     activations the buffer collects."""
@@ -254,14 +234,15 @@ def assess(paths: list[Path], open_model: Callable[[str], object],
             raise ValueError(f"{path}: cannot tell which {' and '.join(missing)} this "
                              f"dictionary was trained on (no {CONFIG_NAME} says so): pass "
                              + " and ".join(f"--{k}" for k in missing))
+    options = {k: v for k, v in {**(widths or {}), "dict_class": dict_class}.items()
+               if v is not None}  # widths to check, load options, a forced class
     by_model: dict[str, list[Path]] = {}
     for path, target in targets.items():
         by_model.setdefault(target.model, []).append(path)
     for name, group in by_model.items():
         model = open_model(name)
         for path in group:
-            dictionary, _ = open_dictionary(path, device=device, dict_class=dict_class,
-                                            **(widths or {}))
+            dictionary, _ = load_dictionary(path, device=device, **options)
             # "1.mlp", "embed" -> the dotted path in this model
             target = replace(targets[path], submodule=submodule_path(model,
                                                                      targets[path].submodule))

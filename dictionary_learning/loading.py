@@ -105,7 +105,8 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``path`` is a folder or a file of one of these formats (``formats/`` for the foreign ones):
 
     - ours / saprmarks: a folder with ``ae.pt`` (+ ``config.json``), or the ``ae.pt`` file;
-      ``options`` are widths (e.g. ``activation_dim=512``) checked against the weights;
+      ``options`` are widths (e.g. ``activation_dim=512``) checked against the weights, and
+      ``dict_class`` to choose the class where ``config.json`` names none (or another);
     - SAELens: a folder with ``cfg.json`` + ``sae_weights.safetensors``; option
       ``norm_scaling_factor`` (see ``formats.saelens``);
     - sparsify: a hookpoint folder (``cfg.json`` + ``sae.safetensors``) or a folder of them;
@@ -143,15 +144,18 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _load_own(weights: Path, obj, widths: dict):
-    """Our (saprmarks) format: the class comes from ``config.json`` when there is one
-    (upstream's nested schema or the older flat one), else from the state_dict's keys.
+    """Our (saprmarks) format: the class is ``widths["dict_class"]`` when given, else the one
+    ``config.json`` names (upstream's nested schema or the older flat one), else the one
+    whose published keys the state_dict has.
     Widths are read off the tensor shapes; ``widths`` (e.g. ``activation_dim=512``) are
     checked against them, and are needed only for weightless dictionaries (``IdentityDict``).
     """
     state_dict = _check_state_dict(obj, weights)
     config = read_config(weights.parent)
+    widths = dict(widths)
+    forced = widths.pop("dict_class", None)
     try:
-        cls = get_dictionary_class(_class_name(config, state_dict))
+        cls = get_dictionary_class(forced or _class_name(config, state_dict))
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from e
     dictionary = load_into(cls, state_dict, weights, **widths)
