@@ -12,8 +12,9 @@ One mechanism for every command that measures saved dictionaries (``evaluate``,
   older flat keys), else from the published pythia-70m-deduped layout
   ``{embed, attn_out_layerN, mlp_out_layerN, resid_out_layerN}/{set}/ae.pt``; explicit
   overrides win.
-- :func:`measure` computes the metrics of one loaded dictionary on held-out text, and
-  :func:`assess` runs it over many dictionaries, loading each model once.
+- :func:`collect` gathers held-out activations and loss texts for a target, :func:`score`
+  measures one loaded dictionary on them, and :func:`assess` runs both over many
+  dictionaries, loading each model once and collecting each target once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -147,19 +149,60 @@ def read_target(path: str | os.PathLike, config: dict | None = None, **overrides
     return replace(target, **given) if given else target
 
 
-def check_widths(dictionary, buffer: ActivationBuffer, where: str) -> None:
-    """Raise a ``ValueError`` naming both widths when the dictionary does not fit the
-    activations the buffer collects."""
+class HeldOut(NamedTuple):
+    """What every dictionary reading one target is measured on: activation batches (tensors,
+    or ``(x_in, x_out)`` pairs), the texts of the loss metrics, and where they came from."""
+
+    batches: list
+    loss_texts: list[str]
+    widths: tuple[int, int]   # (d_in, d_out) of the activations
+    source: str               # "gpt_neox.layers.1.mlp (out)", for messages
+
+
+def held_out_from(buffer: ActivationBuffer, batches: list, loss_texts: list[str]) -> HeldOut:
     widths = buffer.d_submodule
-    d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
+    return HeldOut(batches, loss_texts, widths if isinstance(widths, tuple) else (widths, widths),
+                   f"{buffer.submodule_name} ({buffer.io})")
+
+
+@torch.no_grad()
+def collect(model, target: Target, texts: Iterable[str], n_tokens: int = 8192,
+            n_loss_texts: int = 64, batch_size: int = 32, rows_per_batch: int = 1024,
+            loss: bool = True, seed: int = 0, device: str = "cpu") -> HeldOut:
+    """``n_tokens`` shuffled real-token activations of ``target`` from an
+    :class:`ActivationBuffer` of ``ceil(n_tokens / ctx_len)`` contexts (seeded with ``seed``,
+    ``batch_size`` texts per forward pass), and, unless ``loss`` is false, the next
+    ``n_loss_texts`` texts of the same stream for the loss metrics."""
+    torch.manual_seed(seed)
+    n_ctxs = max(1, math.ceil(n_tokens / target.ctx_len))
+    buffer = ActivationBuffer(texts, model, target.submodule, io=target.io, n_ctxs=n_ctxs,
+                              ctx_len=target.ctx_len, refresh_batch_size=batch_size,
+                              out_batch_size=min(rows_per_batch, n_tokens), device=device,
+                              progress=False)
+    batches = list(_take(buffer, n_tokens))
+    n = sum((b[0] if isinstance(b, tuple) else b).shape[0] for b in batches)
+    if n < n_tokens:
+        logger.warning("%s: the text ran out after %d of %d tokens", target.submodule, n,
+                       n_tokens)
+    loss_texts = buffer.text_batch(n_loss_texts) if loss else []
+    if loss and not loss_texts:
+        raise ValueError("the text ran out before the loss-recovered texts: pass more data, "
+                         "fewer --n-tokens, or --no-loss")
+    return held_out_from(buffer, batches, loss_texts)
+
+
+def check_widths(dictionary, held: HeldOut, where: str) -> None:
+    """Raise a ``ValueError`` naming both widths when the dictionary does not fit the
+    held-out activations."""
+    d_in, d_out = held.widths
     want_in = getattr(dictionary, "activation_dim", d_in)
     want_out = getattr(dictionary, "output_dim", want_in)
     if (want_in, want_out) != (d_in, d_out):
         got = f"{d_in}" if d_in == d_out else f"{d_in} in, {d_out} out"
         want = f"{want_in}" if want_in == want_out else f"{want_in} in, {want_out} out"
         raise ValueError(f"width mismatch: {where} expects activations of width {want}, but "
-                         f"{buffer.submodule_name} ({buffer.io}) has width {got}; pick the "
-                         "submodule the dictionary was trained on (--submodule)")
+                         f"{held.source} has width {got}; pick the submodule the dictionary "
+                         "was trained on (--submodule)")
 
 
 def _take(batches: Iterator, n_rows: int) -> Iterator:
@@ -178,38 +221,17 @@ def _take(batches: Iterator, n_rows: int) -> Iterator:
 
 
 @torch.no_grad()
-def measure(dictionary, model, target: Target, texts: Iterable[str], n_tokens: int = 8192,
-            n_loss_texts: int = 64, batch_size: int = 32, rows_per_batch: int = 1024,
-            loss: bool = True, seed: int = 0, device: str = "cpu", where: str = "dictionary"
-            ) -> dict:
-    """Metrics of one dictionary on held-out ``texts``.
-
-    An :class:`ActivationBuffer` of ``ceil(n_tokens / ctx_len)`` contexts (seeded with
-    ``seed``, ``batch_size`` texts per forward pass) serves ``n_tokens`` shuffled real-token
-    activations for :func:`reconstruction_metrics`; then, unless ``loss`` is false,
-    :func:`loss_recovered` runs on the next ``n_loss_texts`` texts of the same stream.
-    Returns the reconstruction metrics (``feature_frequencies`` included) and the loss
-    metrics, with ``n_loss_tokens``.
-    """
-    torch.manual_seed(seed)
-    n_ctxs = max(1, math.ceil(n_tokens / target.ctx_len))
-    buffer = ActivationBuffer(texts, model, target.submodule, io=target.io, n_ctxs=n_ctxs,
-                              ctx_len=target.ctx_len, refresh_batch_size=batch_size,
-                              out_batch_size=min(rows_per_batch, n_tokens), device=device,
-                              progress=False)
-    check_widths(dictionary, buffer, where)
-    metrics = reconstruction_metrics(dictionary, _take(buffer, n_tokens))
-    if metrics["n_tokens"] < n_tokens:
-        logger.warning("%s: the text ran out after %d of %d tokens", where,
-                       metrics["n_tokens"], n_tokens)
-    if not loss:
+def score(dictionary, model, submodule: str, io: str, ctx_len: int, held: HeldOut,
+          batch_size: int = 32, where: str = "dictionary") -> dict:
+    """Metrics of one dictionary on ``held``: :func:`reconstruction_metrics` over its
+    batches (``feature_frequencies`` included) and, when it has loss texts,
+    :func:`loss_recovered` on them (with ``n_loss_tokens``)."""
+    check_widths(dictionary, held, where)
+    metrics = reconstruction_metrics(dictionary, held.batches)
+    if not held.loss_texts:
         return metrics
-    loss_texts = buffer.text_batch(n_loss_texts)
-    if not loss_texts:
-        raise ValueError("the text ran out before the loss-recovered texts: pass more data, "
-                         "fewer --n-tokens, or --no-loss")
-    result = loss_recovered(loss_texts, model, target.submodule, dictionary, io=target.io,
-                            ctx_len=target.ctx_len, batch_size=batch_size)
+    result = loss_recovered(held.loss_texts, model, submodule, dictionary, io=io,
+                            ctx_len=ctx_len, batch_size=batch_size)
     result["n_loss_tokens"] = result.pop("n_tokens")
     return {**metrics, **result}
 
@@ -217,15 +239,16 @@ def measure(dictionary, model, target: Target, texts: Iterable[str], n_tokens: i
 def assess(paths: list[Path], open_model: Callable[[str], object],
            open_texts: Callable[[], Iterable[str]], overrides: dict | None = None,
            device: str = "cpu", dict_class: str | None = None, widths: dict | None = None,
-           **measure_kwargs) -> Iterator[tuple[Path, Target, dict, dict]]:
+           batch_size: int = 32, **collect_kwargs) -> Iterator[tuple[Path, Target, dict, dict]]:
     """Measure every dictionary in ``paths`` (from :func:`find_dictionaries`); yields
     ``(path, target, metrics, info)`` per dictionary, grouped by model (first-seen order),
     where ``info`` holds the class name and widths.
 
     Targets are read first, so a dictionary with no known model or submodule fails before
     any model loads; each distinct model is then loaded once with ``open_model(name)`` and
-    reused. ``open_texts()`` gives a fresh held-out stream per dictionary, so all see the
-    same text.
+    reused. The held-out activations of each distinct target (submodule, io, ctx_len) are
+    collected once, from a fresh ``open_texts()`` stream, and every dictionary reading that
+    target is measured on them.
     """
     targets = {p: read_target(p, **(overrides or {})) for p in paths}
     for path, target in targets.items():
@@ -241,13 +264,18 @@ def assess(paths: list[Path], open_model: Callable[[str], object],
         by_model.setdefault(target.model, []).append(path)
     for name, group in by_model.items():
         model = open_model(name)
+        held: dict[tuple, HeldOut] = {}
         for path in group:
             dictionary, _ = load_dictionary(path, device=device, **options)
             # "1.mlp", "embed" -> the dotted path in this model
             target = replace(targets[path], submodule=submodule_path(model,
                                                                      targets[path].submodule))
-            metrics = measure(dictionary, model, target, open_texts(), device=device,
-                              where=str(path), **measure_kwargs)
+            key = (target.submodule, target.io, target.ctx_len)
+            if key not in held:
+                held[key] = collect(model, target, open_texts(), batch_size=batch_size,
+                                    device=device, **collect_kwargs)
+            metrics = score(dictionary, model, target.submodule, target.io, target.ctx_len,
+                            held[key], batch_size=batch_size, where=str(path))
             info = {"dict_class": type(dictionary).__name__,
                     "activation_dim": getattr(dictionary, "activation_dim", None),
                     "dict_size": getattr(dictionary, "dict_size", None)}
