@@ -10,23 +10,21 @@ from pathlib import Path
 from .common import CLIError, format_pairs, open_texts
 
 
-def _settings(args: argparse.Namespace, config: dict) -> dict:
-    """Model, submodule, io, ctx_len and remove_bos: the flags, else the dictionary's
-    ``config.json`` (``trainer.lm_name``/``submodule_name``, ``buffer.io``/``ctx_len``)."""
-    trainer, buffer = config.get("trainer", config), config.get("buffer", {})
-    found = {
-        "model": args.model or trainer.get("lm_name") or buffer.get("lm_name"),
-        "submodule": args.submodule or trainer.get("submodule_name")
-        or buffer.get("submodule_name"),
-        "io": args.io or buffer.get("io") or "out",
-        "ctx_len": args.ctx_len or buffer.get("ctx_len") or 128,
-        "remove_bos": bool(buffer.get("remove_bos", False)) if args.remove_bos is None
-        else args.remove_bos,
-    }
+def _settings(args: argparse.Namespace, dict_dir: Path, config: dict) -> dict:
+    """Model, submodule, io, ctx_len (the flags, else what the dictionary's folder records:
+    :func:`~dictionary_learning.assess.read_target`) and remove_bos."""
+    from ..assess import read_target
+
+    target = read_target(dict_dir, model=args.model, submodule=args.submodule, io=args.io,
+                         ctx_len=args.ctx_len)
     for key, flag in (("model", "--model"), ("submodule", "--submodule")):
-        if not found[key]:
-            raise CLIError(f"the dictionary's config.json does not name its {key}: pass {flag}")
-    return found
+        if not getattr(target, key):
+            raise CLIError(f"the dictionary's config does not name its {key}: pass {flag}")
+    buffer = config.get("buffer", {})
+    remove_bos = bool(buffer.get("remove_bos", False)) if args.remove_bos is None \
+        else args.remove_bos
+    return {"model": target.model, "submodule": target.submodule, "io": target.io,
+            "ctx_len": target.ctx_len, "remove_bos": remove_bos}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no dictionary at {dict_dir}: pass a folder holding ae.pt "
                        "(and config.json), or the .pt file")
     dictionary, config = load_dictionary(dict_dir, device=args.device)
-    s = _settings(args, config)
+    s = _settings(args, dict_dir, config)
     model = open_model(s["model"], device=args.device)
     s["submodule"] = submodule_path(model, s["submodule"])       # "1.mlp" -> dotted path
     resolve_submodule(model, s["submodule"])            # a wrong name fails before any work
