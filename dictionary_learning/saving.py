@@ -22,26 +22,13 @@ import json
 import os
 import platform
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from .files import atomic_write, json_line, write_json  # noqa: F401 - atomic_write re-exported
 from .loading import CONFIG_NAME, WEIGHTS_NAME
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_state_dict(state_dict: dict, path: Path) -> None:
@@ -49,10 +36,7 @@ def save_state_dict(state_dict: dict, path: Path) -> None:
 
 
 def save_json(obj: dict, path: Path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    atomic_write(path, write)
+    write_json(path, obj)
 
 
 def versions() -> dict[str, str]:

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from ..files import WriteError
 from ..sources import SourceError, load_model, open_texts  # noqa: F401 - shared by commands
 
 
@@ -22,7 +23,7 @@ class CLIError(Exception):
 # Exceptions whose message is a complete, actionable sentence: printed as ``error: ...``
 # by the command line instead of a traceback. The library raises these for bad input.
 USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-               PermissionError, KeyError)
+               PermissionError, KeyError, WriteError)
 
 
 def format_value(value) -> str:
