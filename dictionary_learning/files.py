@@ -125,3 +125,14 @@ def check_writable(folder: str | os.PathLike) -> None:
     if read_only:
         raise PermissionError(f"{probe} is on a read-only file system: choose another "
                               "output folder")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
