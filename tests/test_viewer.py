@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -247,3 +248,114 @@ def test_ten_thousand_features_load_fast(tmp_path):
     out.mkdir(exist_ok=True)
     (out / "viewer_api_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     assert timings["features_first_s"] < 5 and timings["feature_info_s"] < 5
+
+
+HALF_REQUEST = b"GET /api/metadata HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # no blank line: unfinished
+
+
+def half_sent(url, n):
+    """``n`` raw connections to ``url``'s server, each having sent half a request."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(HALF_REQUEST)
+        socks.append(s)
+    return socks
+
+
+def closed_or_refused(sock, within):
+    """What the server did with ``sock`` within ``within`` s: ``"closed"`` (EOF or reset),
+    ``"503"`` (answered busy, then closed) or ``"open"`` (still waiting)."""
+    sock.settimeout(within)
+    try:
+        data = sock.recv(4096)
+    except TimeoutError:
+        return "open"
+    except ConnectionError:
+        return "closed"
+    return "503" if data.startswith(b"HTTP/1.1 503") else "closed" if not data else data
+
+
+def get_server_busy(url):
+    """Whether a GET to ``url`` is answered 503 now."""
+    try:
+        return get(f"{url}/api/metadata")[0] == 503
+    except (ConnectionError, urllib.error.URLError):
+        return False
+
+
+def test_idle_connections_are_bounded_then_dropped_and_requests_go_on(small_run):
+    """More half-sent connections than the bound: the server keeps at most ``max_connections``
+    handler threads, refuses the rest at once, drops the held ones after the timeout, and then
+    answers a normal request."""
+    bound, timeout = 4, 0.5
+    with running(small_run, timeout=timeout, max_connections=bound) as url:
+        server_threads = threading.active_count()
+        socks = half_sent(url, 3 * bound)
+        try:
+            start = time.monotonic()
+            seen = [closed_or_refused(s, 0.2) for s in socks]
+            held = [s for s, what in zip(socks, seen) if what == "open"]
+            assert len(held) <= bound, "more connections held than the bound"
+            assert sum(what in ("503", "closed") for what in seen) >= 2 * bound, seen
+            assert threading.active_count() - server_threads <= bound
+            # The refused ones were refused at once, not left to the timeout.
+            assert time.monotonic() - start < timeout + 3 * bound * 0.2
+            for s in held:  # dropped by the server after its timeout, without an answer
+                assert closed_or_refused(s, timeout + 2) == "closed"
+            deadline = time.monotonic() + 3
+            while True:  # the slots free up as the handler threads finish
+                status, body, _ = get(f"{url}/api/metadata")
+                if status == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert status == 200 and json.loads(body)["dict_size"] == 50
+            assert threading.active_count() - server_threads <= bound
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_a_busy_server_answers_503_quickly(small_run):
+    with running(small_run, timeout=2, max_connections=1) as url:
+        socks = half_sent(url, 1)
+        try:
+            deadline = time.monotonic() + 2
+            while not get_server_busy(url) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            start = time.monotonic()
+            status, body, ctype = get(f"{url}/api/metadata")
+            assert time.monotonic() - start < 1
+            assert status == 503 and ctype.startswith("application/json")
+            assert "too many connections" in json.loads(body)["error"]
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_half_sent_connection_is_closed_after_the_timeout(small_run):
+    with running(small_run, timeout=0.3) as url:
+        (sock,) = half_sent(url, 1)
+        with sock:
+            start = time.monotonic()
+            assert closed_or_refused(sock, 3) == "closed"
+            assert 0.2 < time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536", "abc", "80.5"])
+def test_bad_port_is_one_error_line_before_the_run_is_read(tmp_path, capsys, port):
+    # The folder is missing too: the port's error comes first, before anything is read.
+    assert main(["viewer", str(tmp_path / "missing"), "--port", port]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: --port ") and "\n" not in err, err
+    assert "0 to 65535" in err and "--port 0" in err and "Traceback" not in err
+    assert captured.out == ""
+
+
+def test_library_checks_port_and_limits(small_run):
+    for kwargs in ({"port": 99999}, {"port": -1}, {"port": 0, "timeout": 0},
+                   {"port": 0, "max_connections": 0}):
+        with pytest.raises(ValueError):
+            make_server(small_run, "127.0.0.1", **kwargs)

@@ -9,8 +9,22 @@ import sys
 from .common import CLIError
 
 
+def _port(text) -> int:
+    """``--port`` as a port number, checked here, before the run is read or a socket is
+    made (an out-of-range port made ``bind`` raise a bare OverflowError)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise CLIError(f"--port must be an integer from 0 to 65535, got {text!r}; pass "
+                       "e.g. --port 8000, or --port 0 for any free port")
+    return port
+
+
 def viewer(args: argparse.Namespace) -> int:
     """Serve the run in ``args.run_dir`` until Ctrl+C."""
+    args.port = _port(args.port)
     from ..viewer import make_server, serve_until_interrupted
 
     try:
@@ -39,6 +53,7 @@ def add_parser(sub) -> None:
                    help="serve the run subfolder NAME of RUN_DIR instead of the newest")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000,
+    # A string, checked by the command: argparse's own error would add a usage block.
+    p.add_argument("--port", default="8000",
                    help="port (default: %(default)s; 0 picks a free port)")
     p.set_defaults(func=viewer)

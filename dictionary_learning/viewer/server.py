@@ -12,6 +12,14 @@ Standard library only (``http.server``). Endpoints:
 
 Bad input answers JSON ``{"error": ...}``: 400 for a malformed id/offset/limit or an
 unknown metric, 404 for an id outside ``0..dict_size-1`` or an unknown path.
+
+Connections: each handler thread holds one connection, so a client that connects and sends
+nothing (or half a request) would hold a thread forever. Two limits keep that bounded: every
+accepted connection gets a socket timeout (``timeout``, default 10 s; a read or write that
+waits longer drops the connection, idle keep-alive ones included), and at most
+``max_connections`` (default 32) are served at once; one more is answered ``503`` at once
+(``Retry-After: 1``) and closed, without waiting, so the accept loop never blocks. A browser
+opens about six connections per host, far below the bound.
 """
 
 from __future__ import annotations
@@ -42,6 +50,17 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+DEFAULT_TIMEOUT = 10.0  # seconds a connection may wait on the client for one read or write
+DEFAULT_MAX_CONNECTIONS = 32  # connections (handler threads) served at once
+
+
+def check_port(port) -> int:
+    """``port`` if it is a TCP port number, ``0..65535`` (0: any free port); a ValueError
+    saying so otherwise (``bind`` would raise an OverflowError with no hint)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer from 0 to 65535 (0 picks a free port), "
+                         f"got {port!r}")
+    return port
 
 
 class BadRequest(Exception):
@@ -77,6 +96,13 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     server_version = "dictionary_learning-viewer"
     protocol_version = "HTTP/1.1"
+    timeout = DEFAULT_TIMEOUT  # the socket timeout; the server's ``connection_timeout`` wins
+
+    def setup(self) -> None:
+        """Take the server's connection timeout, so that each server may set its own (the
+        base class applies ``self.timeout`` to the socket)."""
+        self.timeout = getattr(self.server, "connection_timeout", self.timeout)
+        super().setup()
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         logger.info("%s %s", self.address_string(), format % args)
@@ -120,7 +146,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:80]}")
         except BadRequest as e:
             self._json({"error": str(e)}, e.status)
-        except ConnectionError:  # the browser went away mid-answer (e.g. a newer click won)
+        except (ConnectionError, TimeoutError):  # the browser went away or stopped reading
             logger.debug("client left while answering %s", self.path)
             self.close_connection = True
         except Exception:  # a bug must answer 500, not kill the connection with a traceback
@@ -153,17 +179,99 @@ class ViewerHandler(BaseHTTPRequestHandler):
         raise BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {path[:80]}")
 
 
+_BUSY_BODY = b'{"error":"too many connections; retry in a second"}'
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\n"
+                 b"Content-Type: application/json; charset=utf-8\r\n"
+                 b"Content-Length: %d\r\nRetry-After: 1\r\nCache-Control: no-store\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
 class ViewerServer(ThreadingHTTPServer):
-    """A threading HTTP server that serves one :class:`Run`."""
+    """A threading HTTP server that serves one :class:`Run`, one thread per connection, at
+    most ``max_connections`` at once, each dropped after ``timeout`` seconds without
+    progress (see the module's docstring for why)."""
 
     daemon_threads = True
+    # server_close() must not wait for handler threads: a browser keeps idle connections
+    # open, and Ctrl+C would hang until they time out. The threads are daemons that only
+    # read the run, so leaving them to exit with the process loses nothing.
+    block_on_close = False
+    # The listen backlog (the base class's is 5): a burst of connections waits in the kernel
+    # for the accept loop, which takes or refuses each at once, instead of the client's
+    # connect() being retried seconds later.
+    request_queue_size = 128
 
-    def __init__(self, run: Run, host: str, port: int):
+    def __init__(self, run: Run, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) \
+                or max_connections < 1:
+            raise ValueError(f"max_connections must be an integer >= 1, got "
+                             f"{max_connections!r}")
         self.run = run
         self.static_files = _static_files()
+        self.connection_timeout = float(timeout)
+        self.max_connections = max_connections
+        self._active = 0  # connections being served; guarded by _active_lock
+        self._active_lock = threading.Lock()
+        self._refusing = False  # warned that the server is full; reset when a slot frees
         self._pages: dict[tuple, bytes] = {}  # encoded rankings: the page asks for each often
         self._lock = threading.Lock()
-        super().__init__((host, port), ViewerHandler)
+        super().__init__((host, check_port(port)), ViewerHandler)
+
+    @property
+    def active_connections(self) -> int:
+        """How many connections have a handler thread now."""
+        return self._active
+
+    def process_request(self, request, client_address) -> None:
+        """Start a handler thread if fewer than ``max_connections`` run, else refuse the
+        connection at once: the accept loop must never wait for a slot."""
+        with self._active_lock:
+            busy = self._active >= self.max_connections
+            if not busy:
+                self._active += 1
+        if busy:
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread": give the slot back, drop this one
+            logger.warning("could not start a thread for %s", client_address[0], exc_info=True)
+            self._release()
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            self._refusing = False
+
+    def _refuse(self, request, client_address) -> None:
+        """Answer 503 without blocking (a non-blocking socket: a fresh connection's send
+        buffer takes the few bytes, or the client gets a bare close) and close."""
+        # Warn once while full, not once per refusal: a stuck client could flood the log.
+        level = logging.DEBUG if self._refusing else logging.WARNING
+        self._refusing = True
+        logger.log(level, "refusing %s with 503: %d connections already served (each is "
+                   "dropped after %g s idle)", client_address[0], self.max_connections,
+                   self.connection_timeout)
+        try:
+            request.setblocking(False)
+            try:  # read what already came, so that close() sends FIN, not a reset
+                request.recv(65536)
+            except BlockingIOError:
+                pass
+            request.send(BUSY_RESPONSE)
+        except OSError:  # the send buffer is full, or the client already left
+            logger.debug("could not answer 503 to %s", client_address, exc_info=True)
+        self.shutdown_request(request)
 
     def ranked_page(self, metric: str, offset: int, limit: int | None) -> bytes:
         """``run.features(...)`` as JSON bytes, kept for the next request (up to 64 pages)."""
@@ -190,12 +298,17 @@ class ViewerServer(ThreadingHTTPServer):
 
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                run_name: str | None = None) -> ViewerServer:
+                run_name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ViewerServer:
     """A server (not yet serving) for the run in ``run_dir`` — a run folder, or a folder of
     runs (the newest, or ``run_name``). ``port=0`` picks a free port; see ``server.url``.
-    Start it with ``server.serve_forever()`` (or :func:`serve`); stop with ``shutdown()``."""
+    ``timeout`` (seconds) and ``max_connections`` bound what slow or idle clients can hold
+    (see the module's docstring). The port is checked before the run is read, so a bad one
+    fails fast. Start it with ``server.serve_forever()`` (or :func:`serve`); stop with
+    ``shutdown()``."""
+    check_port(port)
     run = Run(find_run(run_dir, run_name))
-    server = ViewerServer(run, host, port)
+    server = ViewerServer(run, host, port, timeout=timeout, max_connections=max_connections)
     if run.metrics:  # the page's first request: rank now, not while the user waits
         server.ranked_page(run.metrics[0], 0, None)
     logger.info("serving %s (%d features) at %s", run.path, run.size, server.url)
@@ -213,11 +326,15 @@ def serve_until_interrupted(server: ViewerServer) -> None:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          run_name: str | None = None, in_thread: bool = False) -> ViewerServer:
+          run_name: str | None = None, in_thread: bool = False, *,
+          timeout: float = DEFAULT_TIMEOUT,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ViewerServer:
     """Make a server and serve: until Ctrl+C, or, with ``in_thread``, in a daemon thread
     while the caller goes on (then stop it with ``server.shutdown(); server.server_close()``).
-    Returns the server (its address is ``server.url``)."""
-    server = make_server(run_dir, host, port, run_name)
+    ``timeout`` and ``max_connections`` as for :func:`make_server`. Returns the server (its
+    address is ``server.url``)."""
+    server = make_server(run_dir, host, port, run_name, timeout=timeout,
+                         max_connections=max_connections)
     if in_thread:
         threading.Thread(target=server.serve_forever, name="viewer", daemon=True).start()
     else:
