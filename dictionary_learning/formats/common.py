@@ -33,8 +33,10 @@ def _safe_globals():
     return safe_globals([(MatsConfigStub, MATS_CONFIG_CLASS)])
 
 
-# What torch's weights-only unpickler says when a pickle names a class or function it refuses.
-_GLOBAL_REFUSED = re.compile(r"(unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*)",
+# What torch's weights-only unpickler says when a pickle names a class or function it refuses;
+# group 1 is the name (torch's advice after it, to allow-list it or to turn weights_only off,
+# is dropped: neither is safe for a file of unknown origin).
+_GLOBAL_REFUSED = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([^\s,]+)",
                              re.IGNORECASE)
 # Errors that unpickling a corrupted or foreign file raises besides UnpicklingError.
 _CORRUPT = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
@@ -42,19 +44,28 @@ _CORRUPT = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, T
 
 
 def read_pickle(path: Path):
-    """The object in a ``torch.save`` file, read with ``weights_only=True`` on CPU."""
+    """The object in a ``torch.save`` file, read with ``weights_only=True`` on CPU.
+
+    Every ``torch.load`` in the package goes through here (state_dicts, foreign ``.pt``
+    files, trainer states alike): a pickle naming any class or function beyond tensors and
+    plain data (a payload, wherever it sits in the structure) is one ``ValueError`` naming
+    the file and the refused name, never unpickled; a damaged file is another."""
     try:
         with _safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _GLOBAL_REFUSED.search(str(e))
         if refused:
-            raise ValueError(f"{path}: refused to unpickle it: it names an object that is not "
-                             f"a tensor or plain data, and loading it could run code "
-                             f"({refused.group(1)})") from e
+            name = refused.group(1).rstrip(".")
+            raise ValueError(f"{path}: refused to unpickle it: it names {name}, which is not "
+                             "a tensor or plain data, and loading it could run code: it is "
+                             "not loaded; ask whoever made it for a state_dict of tensors "
+                             "(or a safetensors file)") from e
         reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)",
                            str(e), re.DOTALL)
         detail = " ".join((reason.group(1) if reason else str(e)).split())[:200]
+        if "weights_only" in detail:  # torch's advice, not a reason
+            detail = type(e).__name__
         raise ValueError(f"{path} could not be read (corrupted, or not a torch file?): "
                          f"{detail}") from e
     except _CORRUPT as e:
@@ -77,14 +88,26 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in a config file (``cfg.json``, ``config.json``), read as UTF-8.
+
+    Anything else is one ``ValueError`` naming the file: bytes that are not UTF-8, text that
+    is not JSON, JSON that is not an object (``[]``, ``true``, ``3``, ``"text"``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                         f"offset {e.start}): it is damaged or was saved in another "
+                         "encoding; save it as UTF-8 JSON") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} should hold a JSON object, not {type(data).__name__}")
+        kind = "null" if data is None else type(data).__name__
+        raise ValueError(f"{path}: expected a JSON object, got {kind}; the file is damaged "
+                         "or is not a dictionary's config")
     return data
 
 
