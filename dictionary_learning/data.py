@@ -1,4 +1,4 @@
-"""Text sources as iterators of strings, the input an ``ActivationBuffer`` consumes.
+r"""Text sources as iterators of strings, the input an ``ActivationBuffer`` consumes.
 
 Formats, one document per item, empty documents skipped everywhere:
 
@@ -9,12 +9,24 @@ Formats, one document per item, empty documents skipped everywhere:
   ending is stripped). Put a paragraph on one line to keep it as one document.
 - any HuggingFace dataset, hub name or builder (``"json"``, ``"text"``) with ``data_files``.
 
-A document that is not a string raises ``TypeError`` naming where it came from.
+Local files are read as bytes and decoded one line at a time, so every problem names the
+file and, where there is one, the line:
+
+- a document that is not a string raises ``TypeError``; a file that cannot be read raises
+  ``PermissionError`` or ``ValueError``;
+- a line that is not UTF-8, a line that is not JSON, or a row without the text field raises
+  ``ValueError`` (``FILE, line N: ...``);
+- a ``.jsonl.zst`` file that is not zstandard, or is corrupt, raises ``ValueError`` where
+  the bad bytes are; one that is truncated (a download or copy cut short) raises
+  ``ValueError`` when the stream reaches its end, after the documents before the cut have
+  been yielded: the file is streamed, so its end is only known there.
+
+Line endings follow ``open()``'s universal newlines (``\n``, ``\r\n`` or ``\r``); a UTF-8
+byte-order mark at the start of a file is dropped.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -33,48 +45,194 @@ def _check_text(text, where: str) -> bool:
     return bool(text)
 
 
-def _texts_from_jsonl_lines(lines: Iterable[str], source: str, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
+def _decoded_lines(byte_lines: Iterable[bytes], source: str) -> Iterator[tuple[int, str]]:
+    r"""``(line number, text)`` for each line of ``byte_lines``, without its line ending.
+
+    Decoding line by line, rather than letting a text stream decode whole buffers, is what
+    lets a bad byte be reported with its line. ``\n`` never occurs inside a multi-byte UTF-8
+    sequence, so splitting the bytes first is safe. ``\r`` and ``\r\n`` also end a line, as
+    with ``open()``'s universal newlines, so line numbers match what an editor shows.
+    """
+    lineno = 0
+    for raw in byte_lines:
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            # A lone \r before the bad byte ends a line too.
+            line_start = raw.rfind(b"\r", 0, e.start) + 1
+            bad_line = lineno + 1 + raw.count(b"\r", 0, e.start)
+            raise ValueError(
+                f"{source}, line {bad_line}: not UTF-8 text "
+                f"(byte 0x{raw[e.start]:02x} at position {e.start - line_start + 1} of the "
+                f"line: {e.reason}); convert the file to UTF-8, e.g. "
+                "iconv -f latin1 -t utf-8 IN > OUT") from e
+        if "\r" not in text:  # the common case, kept fast: a shard has millions of lines
+            lineno += 1
+            yield lineno, text.rstrip("\n")
             continue
-        where = f"{source}, line {lineno}"
+        text = text.rstrip("\n")
+        if text.endswith("\r"):
+            text = text[:-1]
+        for piece in text.split("\r"):
+            lineno += 1
+            yield lineno, piece
+
+
+def _texts_from_jsonl_lines(lines: Iterable[tuple[int, str]], source: str,
+                            text_field: str) -> Iterator[str]:
+    for lineno, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e}); expected one object per line") from e
+            if not line.strip():
+                continue
+            raise ValueError(f"{source}, line {lineno}: not valid JSON ({e}); expected one "
+                             "object per line") from e
         if not isinstance(row, dict):
-            raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        if text_field not in row:
-            raise ValueError(f"{where}: no field {text_field!r}; available fields: "
-                             f"{sorted(row)}. Pass text_field= to choose one")
-        if _check_text(row[text_field], where):
-            yield row[text_field]
+            raise TypeError(f"{source}, line {lineno}: expected a JSON object, got "
+                            f"{type(row).__name__}")
+        try:
+            text = row[text_field]
+        except KeyError:
+            raise ValueError(f"{source}, line {lineno}: no field {text_field!r}; available "
+                             f"fields: {sorted(row)}. Pass text_field= to choose one") from None
+        if text.__class__ is str:  # the common case, without building the error's location
+            if text:
+                yield text
+        elif _check_text(text, f"{source}, line {lineno}"):
+            yield text
+
+
+# Compressed bytes read per step: zstandard's recommended input size (128 KiB), so memory
+# stays bounded by one step's output however large the shard.
+_ZST_READ_SIZE = 1 << 17
+# How a zstandard file starts: a frame's magic number, or a skippable frame's (any of 16).
+_ZST_MAGIC = {b"\x28\xb5\x2f\xfd", *(bytes([0x50 + i, 0x2a, 0x4d, 0x18]) for i in range(16))}
+
+
+def _zst_chunks(fh, source: str) -> Iterator[bytes]:
+    """Decompressed chunks of the zstandard stream in ``fh``, checked for a clean end.
+
+    ``stream_reader`` treats a stream cut inside a frame as a normal end of file, so a
+    truncated shard would silently give fewer documents (or none). Each frame is decoded
+    here by its own ``decompressobj``, whose ``eof`` says whether the frame was complete:
+    input that ends inside a frame raises ``ValueError``. Pile shards may hold several
+    frames; each frame's leftover input starts the next one.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame = None  # the decompressor of a frame begun but not yet finished
+    frame_start = 0  # where that frame starts in the file
+    offset = 0  # compressed bytes read before the current step
+    while step := fh.read(_ZST_READ_SIZE):
+        data = step
+        while data:
+            if frame is None:
+                frame = dctx.decompressobj()
+                frame_start = offset + len(step) - len(data)
+            try:
+                out = frame.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _zst_error(source, fh, frame_start, e) from e
+            if out:
+                yield out
+            if frame.eof:
+                data, frame = frame.unused_data, None
+            else:
+                data = b""
+        offset += len(step)
+    if frame is not None:
+        raise ValueError(
+            f"{source} is truncated: its zstandard stream ends inside a frame (the one starting "
+            f"at byte {frame_start:,}, file size {offset:,} bytes), so the file is incomplete (an "
+            "interrupted download or copy?); the documents before the cut were read. Fetch or "
+            "copy the file again")
+
+
+def _zst_error(source: str, fh, frame_start: int, error: Exception) -> ValueError:
+    """The error for bytes zstandard rejects: not zstandard at all, or a corrupt frame."""
+    if frame_start == 0:
+        fh.seek(0)
+        if fh.read(4) not in _ZST_MAGIC:
+            return ValueError(
+                f"{source} is not a zstandard file ({error}): a .jsonl.zst file must be "
+                "zstandard-compressed JSON lines; rename a plain JSON-lines file to .jsonl, "
+                "or fetch the shard again")
+    return ValueError(f"{source} is corrupt: the zstandard frame at byte {frame_start:,} does "
+                      f"not decode ({error}); fetch the shard again (`zstd -t FILE` checks it)")
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    r"""The ``\n``-terminated lines of a stream of byte chunks (the last may lack one)."""
+    pending: list[bytes] = []  # pieces of a line that spans chunks; joined once, when it ends
+    for chunk in chunks:
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:
+            pending.append(chunk)
+            continue
+        yield b"".join([*pending, lines[0]])
+        yield from lines[1:-1]
+        pending = [lines[-1]] if lines[-1] else []
+    if pending:
+        yield b"".join(pending)
+
+
+def _open_bytes(path: str | Path):
+    """``open(path, "rb")``; an unreadable file is a ``PermissionError``/``ValueError`` that
+    says what to do rather than a bare ``OSError``."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no such file: {path}; check the path") from e
+    except PermissionError as e:
+        raise PermissionError(f"cannot read {path}: permission denied; check its "
+                              "permissions") from e
+    except OSError as e:  # a folder, a broken mount, ...
+        raise ValueError(f"cannot read {path}: {e.strerror or e}; pass a readable file") from e
+
+
+def _read_error(source: str, error: OSError) -> ValueError:
+    """An ``OSError`` while reading (a disk or network-filesystem failure) as an error that
+    names the file."""
+    return ValueError(f"cannot read {source}: {error.strerror or error}; check the disk or "
+                      "copy the file again")
 
 
 def zst_to_generator(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Yield ``row[text_field]`` from a zstandard-compressed JSON-lines file, streaming."""
-    import zstandard
+    """Yield ``row[text_field]`` from a zstandard-compressed JSON-lines file, streaming.
 
-    with open(path, "rb") as fh:
-        # Pile shards may hold several zstd frames; read past the first one.
-        with zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as reader:
-            lines = io.TextIOWrapper(reader, encoding="utf-8")
-            yield from _texts_from_jsonl_lines(lines, str(path), text_field)
+    A truncated file raises ``ValueError`` once the documents before the cut are yielded.
+    """
+    source = str(path)
+    with _open_bytes(path) as fh:
+        lines = _decoded_lines(_split_lines(_zst_chunks(fh, source)), source)
+        try:
+            yield from _texts_from_jsonl_lines(lines, source, text_field)
+        except OSError as e:
+            raise _read_error(source, e) from e
 
 
 def jsonl_to_generator(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """Yield ``row[text_field]`` from a JSON-lines file."""
-    with open(path, encoding="utf-8") as lines:
-        yield from _texts_from_jsonl_lines(lines, str(path), text_field)
+    source = str(path)
+    with _open_bytes(path) as fh:
+        try:
+            yield from _texts_from_jsonl_lines(_decoded_lines(fh, source), source, text_field)
+        except OSError as e:
+            raise _read_error(source, e) from e
 
 
 def text_file_to_generator(path: str | Path) -> Iterator[str]:
     """Yield each non-empty line of a text file, without its line ending."""
-    with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
+    source = str(path)
+    with _open_bytes(path) as fh:
+        try:
+            for _, line in _decoded_lines(fh, source):
+                if line.strip():
+                    yield line
+        except OSError as e:
+            raise _read_error(source, e) from e
 
 
 def _file_texts(path: Path, text_field: str) -> Iterator[str]:

@@ -168,3 +168,69 @@ def test_hf_missing_column_checked_per_row_when_schema_unknown(monkeypatch):
     assert datasets.IterableDataset.from_generator(rows).column_names is None
     with pytest.raises(ValueError, match=r"row 0: no column 'text'.*\['body', 'id'\]"):
         next(hf_dataset_to_generator("some/hub-dataset"))
+
+
+# Damaged files: each fails with one error naming the file (and the line, where there is one)
+# and saying what to do, never a raw ZstdError, UnicodeDecodeError or silently fewer documents.
+
+def test_zst_of_garbage_bytes_is_not_a_zstandard_file(tmp_path):
+    path = tmp_path / "garbage.jsonl.zst"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=rf"{path.name} is not a zstandard file .*\.jsonl"):
+        list(zst_to_generator(path))
+    plain = write_jsonl(tmp_path / "plain.jsonl.zst", pile_rows(DOCS))  # not compressed
+    with pytest.raises(ValueError, match=r"plain\.jsonl\.zst is not a zstandard file"):
+        list(local_texts(plain))
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_truncated_zst_names_file_after_yielding_what_is_whole(tmp_path, frames):
+    docs = [f"document {i}: " + "words " * (i % 50) for i in range(3000)]
+    whole = write_zst(tmp_path / "whole.jsonl.zst", pile_rows(docs), frames=frames)
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    got = []
+    with pytest.raises(ValueError, match=rf"{path.name} is truncated.*incomplete.*again"):
+        for text in zst_to_generator(path):
+            got.append(text)
+    assert got == docs[:len(got)] and 0 < len(got) < len(docs)  # the whole blocks before the cut
+    tiny = tmp_path / "tiny.jsonl.zst"  # cut inside the first frame's header
+    tiny.write_bytes(whole.read_bytes()[:6])
+    with pytest.raises(ValueError, match="tiny.jsonl.zst is truncated"):
+        list(local_texts(tiny))
+
+
+def test_zst_with_junk_after_a_frame_is_corrupt(tmp_path):
+    path = write_zst(tmp_path / "a.jsonl.zst", pile_rows(DOCS))
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes() + b"not zstandard at all")
+    with pytest.raises(ValueError, match=rf"a\.jsonl\.zst is corrupt: .*frame at byte {size}"):
+        list(zst_to_generator(path))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt", "zst"])
+def test_non_utf8_names_file_and_line(tmp_path, fmt):
+    good = [json.dumps({"text": "ok"}).encode(), json.dumps({"text": "fine"}).encode()]
+    bad = '{"text": "café à la crème"}'.encode("latin-1")
+    data = b"\n".join([*good, bad, *good]) + b"\n"
+    if fmt == "zst":
+        path = tmp_path / "latin.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(data))
+    else:
+        path = tmp_path / f"latin.{fmt}"
+        path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{path.name}, line 3: not UTF-8 text "
+                       r"\(byte 0xe9 .*convert the file to UTF-8"):
+        list(local_texts(path))
+
+
+def test_line_numbers_count_cr_line_endings_and_bom_is_dropped(tmp_path):
+    path = tmp_path / "mac.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\rsecond\r\nthird\rbad \xf5 byte\n")
+    with pytest.raises(ValueError, match=r"mac\.txt, line 4: not UTF-8 .*position 5 "):
+        list(text_file_to_generator(path))
+    path.write_bytes(b"\xef\xbb\xbffirst\rsecond\r\n\r\nthird\r")
+    assert list(text_file_to_generator(path)) == ["first", "second", "third"]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "x"}).encode() + b"\r\n")
+    assert list(jsonl_to_generator(bom)) == ["x"]
