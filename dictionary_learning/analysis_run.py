@@ -27,7 +27,8 @@ from .interpret import (RANKINGS, ContextCollector, FeatureStatistics, feature_a
                         round_significant)
 from .buffer import model_name
 from .logit_effects import ablation_effect, logit_lens
-from .saving import atomic_write, versions
+from .files import json_safe, remove_stale_temps, write_text
+from .saving import versions
 from .submodules import resolve_submodule
 
 logger = logging.getLogger(__name__)
@@ -163,10 +164,24 @@ def _logits_json(result: Analysis, text: _TokenText, top: int = 10) -> dict:
     return out
 
 
+def _strict_json(obj) -> str:
+    """Compact strict JSON: a non-finite number becomes ``null`` (the viewer's JSON.parse
+    rejects NaN). The walk that replaces them runs only when there is one."""
+    def dump(o) -> str:
+        return json.dumps(o, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    try:
+        return dump(obj)
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        return dump(json_safe(obj))
+
+
 def write_run_folder(result: Analysis, out: str | Path, tokenizer,
                      info: dict | None = None) -> list[Path]:
     """Write the five files of a run folder into ``out`` (created if needed) and return their
-    paths. ``info`` adds to or overrides ``result.info`` in the metadata (e.g. the
+    paths. Each file is written atomically with the user's permissions
+    (:func:`~dictionary_learning.files.atomic_write`); temporary files a killed earlier run
+    left in ``out`` are removed first. ``info`` adds to or overrides ``result.info`` in the metadata (e.g. the
     ``dictionary`` path, or a ``model`` name to show)."""
     out = Path(out)
     text = _TokenText(tokenizer)
@@ -192,9 +207,11 @@ def write_run_folder(result: Analysis, out: str | Path, tokenizer,
                   "counts": result.stats.counts.tolist()}
     documents = dict(zip(FILES, (metadata, features, histograms, _contexts_json(result, text),
                                  _logits_json(result, text))))
+    removed = remove_stale_temps(out)  # what a killed earlier run left
+    if removed:
+        logger.info("removed %d temporary file(s) a killed run left in %s", removed, out)
     paths = []
     for name, obj in documents.items():
-        data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-        atomic_write(out / name, lambda tmp, data=data: Path(tmp).write_text(data, "utf-8"))
+        write_text(out / name, _strict_json(obj))
         paths.append(out / name)
     return paths

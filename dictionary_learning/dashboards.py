@@ -17,6 +17,8 @@ import logging
 import math
 from pathlib import Path
 
+from .files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # Keys of a metrics line that are axes, not plotted quantities.
@@ -117,8 +119,6 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path,
     Safe to call while training runs (at each checkpoint): the PNG is written to a
     temporary file and renamed into place. An empty log gives a PNG that says so.
     """
-    from .saving import atomic_write
-
     series = metric_series(read_metrics(metrics_jsonl))
     fig = training_curves_figure(series, title)
     out_png = Path(out_png)

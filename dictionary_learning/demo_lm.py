@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_json
 from .tiny import stdlib_texts, train_tokenizer
 from .tokens import TokenPacker
 
@@ -302,7 +303,7 @@ def _build_into(folder: Path, config: DemoLMConfig, progress: bool) -> dict:
     # wall time the same build needs on idle cores.
     record["cpu_seconds"] = round(time.process_time() - start_cpu, 2)
     record["files"] = _file_hashes(folder)
-    (folder / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(folder / RECORD_NAME, record)
     return record
 
 

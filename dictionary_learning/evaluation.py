@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .submodules import IO_MODES, hidden_states, resolve_submodule, with_hidden_states
 from .tokens import tokenize_batch
 
@@ -251,7 +252,8 @@ def feature_frequency_histogram(frequencies, path, title: str | None = None,
     """Save a histogram of log10 feature frequency to ``path`` (PNG) and return the path.
 
     Dead features (frequency 0) have no logarithm: they are counted and the count is written
-    on the plot. Uses matplotlib's Agg canvas directly, leaving pyplot's backend alone.
+    on the plot. Uses matplotlib's Agg canvas directly, leaving pyplot's backend alone. The
+    file is written atomically: a failed or killed write leaves the old one.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -281,6 +283,5 @@ def feature_frequency_histogram(frequencies, path, title: str | None = None,
             transform=ax.transAxes, va="top", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+
 
 def frequency_grid(frequencies: dict[str, torch.Tensor], path, columns: int | None = None,
                    bins: int = 50) -> Path:
     """Save a grid of histograms, one panel per ``{title: frequencies [m]}``, to ``path``
-    (PNG); panels share the x range so they compare at a glance. Returns the path."""
+    (PNG, written atomically); panels share the x range so they compare at a glance. Returns the path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -50,6 +52,5 @@ def frequency_grid(frequencies: dict[str, torch.Tensor], path, columns: int | No
                 va="top", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

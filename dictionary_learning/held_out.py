@@ -2,13 +2,13 @@
 
 The held-out activations are collected once and every dictionary is measured on the same
 ones, so the rows of a sweep's table compare like with like. Each dictionary's folder
-gets ``eval.json`` (the metrics, with the number of tokens they are over) and
-``feature_frequencies.png``.
+gets ``eval.json`` (the metrics, with the number of tokens they are over; strict JSON, a
+non-finite metric written as ``null``) and ``feature_frequencies.png``, each written
+atomically (:mod:`~dictionary_learning.files`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .assess import HeldOut, held_out_from, score
 from .buffer import ActivationBuffer
 from .evaluation import feature_frequency_histogram
+from .files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,6 @@ def evaluate_held_out(dictionaries, folders: list[Path], texts: list[str], model
         feature_frequency_histogram(frequencies, Path(folder) / HISTOGRAM_NAME,
                                     title=f"{submodule}, {type(dictionary).__name__} "
                                           f"{dictionary.activation_dim}->{dictionary.dict_size}")
-        (Path(folder) / EVAL_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(Path(folder) / EVAL_NAME, metrics)  # NaN (no loss texts) -> null
         results.append(metrics)
     return results

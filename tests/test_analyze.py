@@ -124,3 +124,117 @@ def test_script_shim_exits_non_zero_on_a_bad_folder(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "ae.pt" in proc.stderr
+
+
+# -- a refusal leaves the output folder as it was ------------------------------------------
+def snapshot(folder):
+    """Every file and folder under ``folder``: bytes and permission bits."""
+    import stat
+
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
+                                         stat.S_IMODE(p.stat().st_mode))
+            for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+def old_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("metadata.json", "features.json", "histograms.json", "contexts.json",
+                 "logits.json"):
+        (out / name).write_text('{"from": "an earlier run"}')
+    (out / ".contexts.json.a1B2c3D4.tmp").write_text("left by a killed run")
+    return out
+
+
+def sized_dictionary(dict_dir, folder, **trainer):
+    """A copy of the test dictionary whose config.json also records ``trainer`` keys."""
+    folder.mkdir()
+    (folder / "ae.pt").write_bytes((dict_dir / "ae.pt").read_bytes())
+    config = json.loads((dict_dir / "config.json").read_text())
+    config["trainer"].update(trainer)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+REFUSALS = {  # flags (or a function of (setup, tmp_path) giving the dictionary) -> message
+    "k 0": (["--k", "0"], "--k must be at least 1, got 0"),
+    "k-random 0": (["--k-random", "0"], "--k-random must be at least 1"),
+    "n-tokens 0": (["--n-tokens", "0"], "--n-tokens must be at least 1"),
+    "batch-size -2": (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    "ctx-len 0": (["--ctx-len", "0"], "--ctx-len must be at least 1"),
+    "window-before -1": (["--window-before", "-1"], "--window-before must be at least 0"),
+    "window-after -1": (["--window-after", "-1"], "--window-after must be at least 0"),
+    "ablation-features -1": (["--ablation-features", "-1"],
+                             "--ablation-features must be at least 0"),
+    "seed too large": (["--seed", str(2 ** 64)], "--seed 18446744073709551616 is out of range"),
+    "unknown ranking": (["--rankings", "density,charisma"], "charisma"),
+    "missing data": (["--data", "/nonexistent/data.txt"], "no data file or folder at"),
+    "unknown device": (["--device", "tpu"], "unknown device 'tpu'"),
+    "absent device": (["--device", "cuda:7"], "use --device cpu"),
+    "k beyond memory (config's size)": (
+        lambda d, t: [sized_dictionary(d, t / "sized", dict_size=128), "--k", str(10 ** 9)],
+        "more than this machine's"),
+    "no model named": (lambda d, t: [sized_dictionary(d, t / "anon", lm_name=None)],
+                       "does not name its model: pass --model"),
+    "a folder of dictionaries": (lambda d, t: [d.parent], "has no weights of its own"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_come_before_any_work(setup, tmp_path, capsys, case, monkeypatch):
+    import dictionary_learning.loading as loading
+    import dictionary_learning.train_run as train_run
+
+    def opened(*args, **kwargs):
+        raise AssertionError("a model or dictionary was opened before the refusal")
+
+    monkeypatch.setattr(loading, "load_dictionary", opened)
+    monkeypatch.setattr(train_run, "open_model", opened)
+    model_dir, dict_dir, data, _ = setup
+    out = old_run(tmp_path)
+    before = snapshot(out)
+    flags, message = REFUSALS[case]
+    flags = flags if isinstance(flags, list) else flags(dict_dir, tmp_path)
+    if not isinstance(flags[0], str) or not flags[0].startswith("--"):
+        target, flags = flags[0], flags[1:]
+    else:
+        target = dict_dir
+    code = main(["analyze", str(target), "--data", str(data), "--out", str(out),
+                 *map(str, flags)])
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert message in line and "Traceback" not in err
+    assert snapshot(out) == before
+
+
+def test_later_refusals_leave_the_folder_as_it_was(setup, tmp_path, capsys, monkeypatch):
+    """After the dictionary is read (its config does not record its size) and after the
+    model is open (an unknown submodule), nothing in the run folder changes either."""
+    import dictionary_learning.train_run as train_run
+
+    model_dir, dict_dir, data, _ = setup
+    out = old_run(tmp_path)
+    before = snapshot(out)
+    real_open = train_run.open_model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was opened before the memory check")
+
+    monkeypatch.setattr(train_run, "open_model", no_model)
+    common = ["analyze", str(dict_dir), "--data", str(data), "--out", str(out)]
+    assert main([*common, "--k", str(10 ** 9)]) == 2
+    assert "more than this machine's" in capsys.readouterr().err
+    monkeypatch.setattr(train_run, "open_model", real_open)
+    assert main([*common, "--submodule", "gpt_neox.layers.7.mlp"]) == 2
+    assert "gpt_neox.layers.7.mlp" in capsys.readouterr().err.splitlines()[-1]
+    assert snapshot(out) == before
+
+
+def test_out_is_a_file(setup, tmp_path, capsys):
+    _, dict_dir, data, _ = setup
+    out = tmp_path / "run"
+    out.write_text("not a folder")
+    assert main(["analyze", str(dict_dir), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out} is a file, not a folder")
+    assert out.read_text() == "not a folder"

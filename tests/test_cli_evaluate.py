@@ -251,3 +251,78 @@ def test_load_options_reach_the_format_reader(env, capsys, tmp_path):
         assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7), key
     assert main(["evaluate", str(folder), "--load-option", "oops", *map(str, target)]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# -- refusals before any work leave the output folder as it was ----------------------------
+def snapshot(folder: Path) -> dict:
+    """Every file and folder under ``folder``: bytes and permission bits."""
+    import stat
+
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
+                                         stat.S_IMODE(p.stat().st_mode))
+            for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+def results_folder(tmp_path: Path) -> Path:
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text('[{"dictionary": "old"}]\n')
+    (out / ".results.json.a1B2c3D4.tmp").write_text("left by a killed run")
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+REFUSALS = {  # flags -> what the one error line says
+    "n-tokens 0": (["--n-tokens", "0"], "--n-tokens must be at least 1, got 0"),
+    "batch-size -1": (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    "ctx-len 0": (["--ctx-len", "0"], "--ctx-len must be at least 1"),
+    "skip-texts -1": (["--skip-texts", "-1"], "--skip-texts must be at least 0"),
+    "activation-dim 0": (["--activation-dim", "0"], "--activation-dim must be at least 1"),
+    "dict-size 0": (["--dict-size", "0"], "--dict-size must be at least 1"),
+    "n-loss-texts 0": (["--n-loss-texts", "0"], "--n-loss-texts must be at least 1"),
+    "seed too large": (["--seed", str(2 ** 64)], "--seed 18446744073709551616 is out of range"),
+    "unknown class": (["--dict-class", "Nope"], "unknown dictionary class 'Nope'"),
+    "bad load option": (["--load-option", "oops"], "--load-option takes KEY=VALUE"),
+    "n-tokens beyond memory": (["--n-tokens", str(10 ** 13)], "more than this machine's"),
+    "json is a folder": (["--json", "{out}"], "is a folder: pass a file path"),
+    "json under a file": (["--json", "{out}/notes.txt/r.json"], "is a file, not a folder"),
+    "missing data": (["--data", "{out}/missing.jsonl"], "no data file or folder at"),
+    "unknown device": (["--device", "tpu"], "unknown device 'tpu'"),
+    "absent device": (["--device", "cuda:7"], "use --device cpu"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_come_before_any_work(env, capsys, tmp_path, case, monkeypatch):
+    import dictionary_learning.assess as assess
+    import dictionary_learning.cli.evaluate as command
+
+    def opened(*args, **kwargs):
+        raise AssertionError("a model or dictionary was opened before the refusal")
+
+    monkeypatch.setattr(command, "load_model", opened)
+    monkeypatch.setattr(assess, "load_dictionary", opened)
+    out = results_folder(tmp_path)
+    before = snapshot(out)
+    flags, message = REFUSALS[case]
+    flags = [f.format(out=out) for f in flags]
+    json_flag = [] if "--json" in flags else ["--json", str(out / "results.json")]
+    code = main(["evaluate", str(env["nested"]), "--data", str(env["data"]), *SMALL,
+                 *json_flag, *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert message in line and "Traceback" not in err
+    assert snapshot(out) == before
+
+
+def test_a_failure_during_work_leaves_the_json_as_it_was(env, capsys, tmp_path):
+    """The width check fails after the model is open: results.json is not touched."""
+    out = results_folder(tmp_path)
+    narrow = save_dictionary(tmp_path / "narrow", AutoEncoder(32, 64), None)
+    before = snapshot(out)
+    code = main(["evaluate", str(env["nested"]), str(narrow), "--model", str(env["model"]),
+                 "--submodule", "gpt_neox.layers.1.mlp", "--data", str(env["data"]), *SMALL,
+                 "--no-loss", "--json", str(out / "results.json")])
+    assert code == 2 and "width mismatch" in capsys.readouterr().err
+    assert snapshot(out) == before

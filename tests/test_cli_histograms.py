@@ -71,3 +71,85 @@ def test_grid_checks_its_input(tmp_path):
 def test_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["histograms", str(tmp_path / "nope"), "--data", "stdlib"]) == 2
     assert capsys.readouterr().err.startswith("error: no dictionary folder or file at")
+
+
+# -- a refusal leaves the output folder as it was ------------------------------------------
+def snapshot(folder):
+    """Every file and folder under ``folder``: bytes and permission bits."""
+    import stat
+
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
+                                         stat.S_IMODE(p.stat().st_mode))
+            for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+def old_output(tmp_path):
+    out = tmp_path / "histograms"
+    out.mkdir()
+    (out / "trainer_0.png").write_bytes(PNG + b"an older histogram")
+    (out / "feature_frequencies_grid.png").write_bytes(PNG + b"an older grid")
+    (out / ".trainer_1.png.a1B2c3D4.tmp").write_bytes(b"left by a killed run")
+    return out
+
+
+REFUSALS = {
+    "columns 0": (["--grid", "--columns", "0"], "--columns must be at least 1, got 0"),
+    "grid name with a folder": (["--grid", "--grid-name", "sub/g.png"],
+                                "--grid-name takes a file name"),
+    "grid name is a folder": (["--grid", "--grid-name", "."], "--grid-name takes a file name"),
+    "n-tokens 0": (["--n-tokens", "0"], "--n-tokens must be at least 1"),
+    "batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "ctx-len -5": (["--ctx-len", "-5"], "--ctx-len must be at least 1"),
+    "n-tokens beyond memory": (["--n-tokens", str(10 ** 13)], "more than this machine's"),
+    "missing data": (["--data", "/nonexistent/missing.jsonl"], "no data file or folder at"),
+    "unknown device": (["--device", "tpu"], "unknown device 'tpu'"),
+    "absent device": (["--device", "cuda:7"], "use --device cpu"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_come_before_any_work(tree, tmp_path, capsys, case, monkeypatch):
+    import dictionary_learning.assess as assess
+    import dictionary_learning.cli.evaluate as evaluate
+
+    def opened(*args, **kwargs):
+        raise AssertionError("a model or dictionary was opened before the refusal")
+
+    monkeypatch.setattr(evaluate, "load_model", opened)
+    monkeypatch.setattr(assess, "load_dictionary", opened)
+    out = old_output(tmp_path)
+    before = snapshot(out)
+    flags, message = REFUSALS[case]
+    code = main(args(tree, out, *flags))
+    err = capsys.readouterr().err
+    assert code == 2
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert message in line and "Traceback" not in err
+    assert snapshot(out) == before
+
+
+def test_out_is_a_file(tree, tmp_path, capsys):
+    out = tmp_path / "histograms"
+    out.write_bytes(b"not a folder")
+    assert main(args(tree, out)) == 2
+    assert capsys.readouterr().err.startswith(f"error: {out} is a file, not a folder")
+    assert out.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_a_dictionary_failing_late_leaves_the_folder_as_it_was(tree, tmp_path, capsys, grid,
+                                                               tmp_path_factory):
+    """The second dictionary's width is wrong, found once the first is measured: no PNG of
+    the first one is written either."""
+    runs = tmp_path / "runs"
+    save_dictionary(runs / "trainer_0", AutoEncoder(D_MODEL, 96), None)
+    save_dictionary(runs / "trainer_1", AutoEncoder(32, 64), None)
+    out = old_output(tmp_path)
+    before = snapshot(out)
+    code = main(["histograms", str(runs), "--model", str(shared_model_folder(tmp_path_factory)),
+                 "--submodule", "1.mlp", "--data", str(tree / "heldout.jsonl"), "--n-tokens",
+                 "300", "--batch-size", "8", "--out", str(out), *(["--grid"] if grid else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "width mismatch" in err and "trainer_1" in err
+    assert "measured trainer_0" in err
+    assert snapshot(out) == before

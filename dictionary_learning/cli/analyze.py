@@ -7,7 +7,9 @@ import argparse
 import time
 from pathlib import Path
 
+from ..files import check_writable
 from .common import CLIError, format_pairs, open_texts
+from .evaluate import check_at_least, check_device_flags, check_memory, check_seed
 
 
 def _settings(args: argparse.Namespace, dict_dir: Path, config: dict) -> dict:
@@ -27,19 +29,16 @@ def _settings(args: argparse.Namespace, dict_dir: Path, config: dict) -> dict:
             "ctx_len": target.ctx_len, "remove_bos": remove_bos}
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..analysis_run import analyze, write_run_folder
+def check_arguments(args: argparse.Namespace) -> tuple[list[str], Path]:
+    """Every flag, the dictionary's location and the output folder, before anything is
+    read; returns the ranking metrics and the dictionary path."""
+    from ..assess import find_dictionaries
     from ..interpret import RANKINGS
-    from ..loading import load_dictionary
-    from ..submodules import resolve_submodule, submodule_path
-    from ..train_run import open_model
 
-    start = time.perf_counter()
-    for name in ("n_tokens", "batch_size", "k", "k_random"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least(args, {"n_tokens": 1, "batch_size": 1, "k": 1, "k_random": 1, "ctx_len": 1,
+                          "window_before": 0, "window_after": 0, "ablation_features": 0})
+    check_seed(args.seed)
+    check_device_flags(args)
     rankings = args.rankings.split(",") if args.rankings else list(RANKINGS)
     if unknown := [r for r in rankings if r not in RANKINGS]:
         raise CLIError(f"unknown ranking metric(s) {unknown}; choose from {sorted(RANKINGS)}")
@@ -47,12 +46,66 @@ def run(args: argparse.Namespace) -> int:
     if not dict_dir.exists():
         raise CLIError(f"no dictionary at {dict_dir}: pass a folder holding ae.pt "
                        "(and config.json), or the .pt file")
-    dictionary, config = load_dictionary(dict_dir, device=args.device)
+    if dict_dir.is_dir() and not any(p.suffix in (".pt", ".safetensors")
+                                     for p in dict_dir.iterdir()):
+        found = find_dictionaries([dict_dir])  # none: "no dictionary found under ..."
+        shown = ", ".join(map(str, found[:3])) + (", ..." if len(found) > 3 else "")
+        raise CLIError(f"{dict_dir} has no weights of its own, only {len(found)} "
+                       f"dictionary folder(s) below it: pass one of them ({shown})")
+    check_writable(Path(args.out).expanduser())
+    return rankings, dict_dir
+
+
+def _config_dict_size(config: dict) -> int | None:
+    """The number of features a dictionary's config records (ours, flat, SAELens,
+    sparsify), if any."""
+    for section in (config.get("trainer", {}), config):
+        for key in ("dict_size", "dictionary_size", "d_sae", "num_latents"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_analysis_memory(args: argparse.Namespace, dict_size: int, ctx_len: int) -> None:
+    """The context collectors (``dict_size x (k + k_random) x window`` token ids and
+    activations, doubled while merging a batch) and one batch of feature activations
+    (``batch_size x ctx_len x dict_size``, a few copies) must fit in memory."""
+    window = args.window_before + 1 + args.window_after
+    collectors = 2 * dict_size * (args.k + args.k_random) * window * 8
+    features = 3 * args.batch_size * ctx_len * dict_size * 4
+    check_memory(collectors + features,
+                 f"--k {args.k} and --k-random {args.k_random} contexts of {window} tokens "
+                 f"for each of {dict_size:,} features, with --batch-size {args.batch_size} "
+                 f"contexts of {ctx_len} tokens",
+                 "pass a smaller --k, --k-random, --window-before, --window-after or "
+                 "--batch-size")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis_run import analyze, write_run_folder
+    from ..assess import folder_config
+    from ..loading import load_dictionary
+    from ..submodules import resolve_submodule, submodule_path
+    from ..train_run import open_model
+
+    start = time.perf_counter()
+    # Every refusal below comes before the output folder is touched.
+    rankings, dict_dir = check_arguments(args)
+    config = folder_config(dict_dir)       # config files only: no weights read yet
     s = _settings(args, dict_dir, config)
+    dict_size = _config_dict_size(config)
+    if dict_size is not None:
+        check_analysis_memory(args, dict_size, s["ctx_len"])
+    texts = open_texts(args.data, split=args.split, text_field=args.text_field)
+    dictionary, _ = load_dictionary(dict_dir, device=args.device)
+    if dict_size is None:
+        check_analysis_memory(args, dictionary.dict_size, s["ctx_len"])
     model = open_model(s["model"], device=args.device)
     s["submodule"] = submodule_path(model, s["submodule"])       # "1.mlp" -> dotted path
     resolve_submodule(model, s["submodule"])            # a wrong name fails before any work
-    texts = open_texts(args.data, split=args.split, text_field=args.text_field)
     torch.manual_seed(args.seed)
     result = analyze(model, s["submodule"], dictionary, texts, io=s["io"],
                      ctx_len=s["ctx_len"], batch_size=args.batch_size, n_tokens=args.n_tokens,

@@ -8,7 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from ..files import WriteError
+from .. import files
+from ..files import WriteError, json_safe
 from ..sources import SourceError, load_model, open_texts  # noqa: F401 - shared by commands
 
 
@@ -66,9 +67,10 @@ def _numeric(text: str) -> bool:
 
 
 def write_json(obj, path: str | Path | None) -> None:
-    """``obj`` as JSON to ``path``, or to stdout for ``-``/``None``."""
-    text = json.dumps(obj, indent=2, default=str)
+    """``obj`` as strict JSON (a non-finite number as ``null``) to ``path``, written
+    atomically (:func:`~dictionary_learning.files.write_json`), or to stdout for
+    ``-``/``None``."""
     if path in (None, "-"):
-        print(text)
+        print(json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str))
     else:
-        Path(path).write_text(text + "\n")
+        files.write_json(path, obj)

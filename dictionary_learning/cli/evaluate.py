@@ -51,6 +51,117 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the activation sampling")
 
 
+# -- checks made before any model is opened or dictionary read --------------------------------
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed accepts
+
+
+def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Each flag in ``minimums`` (argument name -> smallest allowed value) that was given
+    (not ``None``) must be at least that value."""
+    for name, low in minimums.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            what = {0: "0 or more", 1: "a positive number"}.get(low, f"{low} or more")
+            raise CLIError(f"{flag} must be at least {low}, got {value}: pass {what}")
+
+
+def check_seed(seed: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise CLIError(f"--seed {seed} is out of range: pass an integer from 0 to 2**64 - 1")
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory, or ``None`` where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+def check_memory(n_bytes: int, what: str, fix: str) -> None:
+    """Refuse a setting whose estimated memory (``n_bytes``) exceeds the machine's."""
+    total = physical_memory()
+    if total is not None and n_bytes > total:
+        raise CLIError(f"{what} would need about {_gib(n_bytes)} of memory, more than this "
+                       f"machine's {_gib(total)}: {fix}")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """``path`` (``None`` or ``-``: stdout) can be written: not a folder, and its folder
+    writable. Creates nothing."""
+    from ..files import check_writable
+
+    if path in (None, "-"):
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CLIError(f"{flag} {path} is a folder: pass a file path such as "
+                       f"{p / 'results.json'}")
+    check_writable(p.parent)
+
+
+def _config_width(path: Path) -> int | None:
+    """The input width a dictionary's config records (no weights are read), if any."""
+    from ..assess import folder_config
+
+    config = folder_config(path)
+    sections = [config.get("trainer", {}), config.get("buffer", {}), config]
+    for section in sections:
+        for key in ("activation_dim", "d_submodule", "d_in"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_device_flags(args: argparse.Namespace) -> None:
+    """``--device`` (a device this machine has; normalised, e.g. ``CPU`` -> ``cpu``) and
+    ``--dtype``, when given."""
+    from ..sources import check_device, torch_dtype
+
+    if getattr(args, "device", None) is not None:
+        args.device = str(check_device(args.device))
+    if getattr(args, "dtype", None) is not None:
+        torch_dtype(args.dtype)
+
+
+def check_measure_arguments(args: argparse.Namespace, loss: bool) -> None:
+    """The flags of :func:`add_measure_arguments` (and ``--n-loss-texts`` when the loss is
+    measured), before anything is read."""
+    check_at_least(args, {"ctx_len": 1, "activation_dim": 1, "dict_size": 1, "skip_texts": 0,
+                          "n_tokens": 1, "batch_size": 1})
+    if loss:
+        check_at_least(args, {"n_loss_texts": 1})
+    check_seed(args.seed)
+    check_device_flags(args)
+    load_options(args.load_option)
+    if args.dict_class is not None:
+        from .. import registry
+
+        registry.get_dictionary_class(args.dict_class)
+
+
+def check_measure_memory(args: argparse.Namespace, paths: list[Path]) -> None:
+    """The held-out activations (``--n-tokens`` rows of each dictionary's width, collected
+    once in memory beside the buffer they come from) must fit in memory. Reads only
+    config files: a width no config records counts as 1."""
+    from ..assess import read_target
+
+    need = 0
+    for path in paths:
+        width = args.activation_dim or _config_width(path) or 1
+        io = read_target(path, io=args.io).io
+        need = max(need, 2 * args.n_tokens * width * 4 * (2 if io == "in_to_out" else 1))
+    check_memory(need, f"--n-tokens {args.n_tokens:,} (held-out activations)",
+                 "pass a smaller --n-tokens")
+
+
 def _texts(spec: str, skip: int):
     """A fresh stream of ``spec``'s documents after the first ``skip``."""
     texts = islice(open_texts(spec), skip, None)
@@ -67,9 +178,9 @@ def assessed(args: argparse.Namespace, loss: bool):
 
     from ..assess import assess, find_dictionaries
 
-    if args.skip_texts < 0 or args.n_tokens < 1 or args.batch_size < 1:
-        raise ValueError("--skip-texts must be >= 0, --n-tokens and --batch-size >= 1")
+    check_measure_arguments(args, loss)  # flags first: each refusal before any work
     paths = find_dictionaries(args.dict_dirs)
+    check_measure_memory(args, paths)
     _texts(args.data, args.skip_texts)  # bad data fails before any model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -130,6 +241,7 @@ def row(name: str, target, metrics: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json")
     paths, results = assessed(args, loss=not args.no_loss)
     rows, records = [], []
     to_stdout = args.json == "-"

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import format_table
-from .evaluate import add_measure_arguments, assessed, display_name
+from ..files import check_writable
+from .common import CLIError, format_table
+from .evaluate import add_measure_arguments, assessed, check_at_least, display_name
 
 
 def file_name(name: str) -> str:
@@ -15,27 +16,43 @@ def file_name(name: str) -> str:
     return name.replace("/", "__").replace("\\", "__") + ".png"
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """This command's own flags and its output folder, before anything is read."""
+    check_at_least(args, {"columns": 1})
+    name = args.grid_name
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise CLIError(f"--grid-name takes a file name such as feature_frequencies_grid.png, "
+                       f"not {name!r}: choose the folder with --out")
+    out = Path(args.out).expanduser()
+    check_writable(out)
+    if args.grid and (out / name).is_dir():
+        raise CLIError(f"{out / name} is a folder: pass another --grid-name")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import feature_frequency_histogram
     from ..frequency_plots import frequency_grid
 
-    out = Path(args.out)
+    check_arguments(args)
+    out = Path(args.out).expanduser()
     paths, results = assessed(args, loss=False)
     rows, panels = [], {}
+    # Every dictionary is measured before any file is written: a dictionary that fails
+    # leaves the output folder as it was.
     for path, target, metrics, info in results:
         name = display_name(path, paths, args.dict_dirs)
-        freqs = metrics.pop("feature_frequencies")
         title = f"{name}\n{target.submodule}, {info['activation_dim']}->{info['dict_size']}"
-        if args.grid:
-            panels[title] = freqs
-            written = out / args.grid_name
-        else:
-            written = feature_frequency_histogram(freqs, out / file_name(name), title=title)
+        panels[title] = (name, metrics.pop("feature_frequencies"))
+        png = out / (args.grid_name if args.grid else file_name(name))
         rows.append({"dictionary": name, "% alive": 100 * metrics["frac_alive"],
-                     "L0": metrics["l0"], "tokens": metrics["n_tokens"], "png": str(written)})
+                     "L0": metrics["l0"], "tokens": metrics["n_tokens"], "png": str(png)})
         print(f"measured {name} ({len(rows)}/{len(paths)})", file=sys.stderr)
     if args.grid:
-        frequency_grid(panels, out / args.grid_name, columns=args.columns)
+        frequency_grid({title: freqs for title, (_, freqs) in panels.items()},
+                       out / args.grid_name, columns=args.columns)
+    else:
+        for title, (name, freqs) in panels.items():
+            feature_frequency_histogram(freqs, out / file_name(name), title=title)
     print(format_table(rows))
     return 0
 

@@ -21,11 +21,11 @@ Other classes (MLPStretcher, IdentityDict, ...) have no SAELens counterpart: ``V
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..files import write_json
 from .saelens import CFG_NAME, SPARSITY_NAME, WEIGHTS_NAME
 
 
@@ -95,7 +95,7 @@ def save_saelens(ae, folder: str | Path, model_name: str | None = None,
            "normalize_activations": "none", "reshape_activations": "none", **extra,
            "metadata": {"model_name": model_name, "hook_name": hook_name, **(metadata or {})}}
     save_file(tensors, folder / WEIGHTS_NAME)
-    (folder / CFG_NAME).write_text(json.dumps(cfg, indent=2))
+    write_json(folder / CFG_NAME, cfg)
     if log10_feature_density is not None:
         density = torch.as_tensor(log10_feature_density, dtype=torch.float32).reshape(-1)
         if density.numel() != ae.dict_size:

@@ -14,6 +14,8 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..files import write_text
+
 WORDS = ["the", " cat", " sat", " on", " mat", ".", "\n", " ", "\t", " def", "(", ")", ":",
          " return", " x", " +", " 1", " is", " a", " function", " of", " and", " for", " in"]
 
@@ -92,5 +94,5 @@ def write_synthetic_run(out: str | Path, n_features: int = 64, n_top: int = 4,
              "contexts.json": {"vocab": vocab, "top": top, "random": rand},
              "logits.json": logits}
     for name, obj in files.items():
-        (out / name).write_text(json.dumps(obj, separators=(",", ":")))
+        write_text(out / name, json.dumps(obj, separators=(",", ":")))
     return out
