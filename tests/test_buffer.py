@@ -263,6 +263,8 @@ def test_packing_fills_windows_without_padding(models, texts):
                                                                             dtype=torch.long)}
                for w in windows]
     (reference,) = hooked_rows(model._module, "transformer.h.1.mlp", "out", batches)
-    key = torch.randn(64, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(served[(served @ key).argsort()],
-                               reference[(reference @ key).argsort()], rtol=1e-4, atol=1e-5)
+    # The same rows in another order: every row of each has its twin in the other (a sort
+    # by a random projection, used before, pairs up near-ties wrongly).
+    distance = torch.cdist(served, reference)
+    assert distance.min(dim=1).values.max() < 1e-3
+    assert distance.min(dim=0).values.max() < 1e-3
