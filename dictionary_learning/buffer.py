@@ -7,11 +7,18 @@ submodule -> the real tokens' rows are written in place into a preallocated
 served in the order of one random permutation per refill, so no row is served twice within
 a fill. When fewer than half of the stored rows are unread, the unread rows are moved to
 the front and the rest is refilled from new text.
+
+``state_dict()`` / ``load_state_dict()`` capture everything that decides the batches still to
+come: the unread rows in the order they will be served, rows that did not fit the last
+refill, the packer's carried-over tokens, the shuffling generator and how many texts were
+read. A buffer built on the same text from its start and given that state serves exactly
+the batches the original would have served next (it skips the texts already read).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 
@@ -57,6 +64,9 @@ class ActivationBuffer:
         remove_bos: drop the first real token of every context.
         pack: pack documents into full ``ctx_len`` windows (no padding, no truncation)
             instead of truncating and padding each document.
+        seed: seed of the shuffling generator (the buffer's own, so resuming can restore
+            it); by default drawn from torch's global generator, so ``torch.manual_seed``
+            still makes a run reproducible.
         in_feats, out_feats, in_batch_size: older names of ``d_submodule`` (input and output
             widths) and ``refresh_batch_size``, accepted so existing code runs unchanged.
     """
@@ -66,7 +76,8 @@ class ActivationBuffer:
                  out_batch_size: int = 8192, device: str | torch.device = "cpu",
                  remove_bos: bool = False, dtype: torch.dtype = torch.float32, *,
                  pack: bool = False, in_feats: int | None = None, out_feats: int | None = None,
-                 in_batch_size: int | None = None, progress: bool = True):
+                 in_batch_size: int | None = None, progress: bool = True,
+                 seed: int | None = None):
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
         for name, value in [("n_ctxs", n_ctxs), ("ctx_len", ctx_len),
@@ -109,6 +120,12 @@ class ActivationBuffer:
 
         pinned = self.device.type == "cpu" and torch.cuda.is_available()
         capacity = self.n_ctxs * self.ctx_len
+        check_memory(capacity * sum(self.widths) * dtype.itemsize, self.device,
+                     f"the activation buffer ({self.n_ctxs} contexts x {self.ctx_len} tokens x "
+                     f"width {sum(self.widths)} x {dtype.itemsize} bytes)", "lower n_ctxs")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self._store = [torch.empty(capacity, w, dtype=dtype, device=self.device,
                                    pin_memory=pinned) for w in self.widths]
         self._n_stored = 0                      # rows [0, n) of the store hold activations
@@ -228,8 +245,57 @@ class ActivationBuffer:
                 self._write(self._collect(inputs))
             bar.update(self._n_stored - before)
         bar.close()
-        self._order = torch.randperm(self._n_stored, device=self.device)
+        self._order = torch.randperm(self._n_stored, device=self.device,
+                                     generator=self._generator)
         self._pos = 0
+
+    # -- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What decides every batch still to come (see the module docstring), on CPU."""
+        unread = self._order[self._pos:]
+        return {
+            "texts_seen": self.texts_seen,
+            "tokens_seen": self.tokens_seen,
+            "unread": [store[unread].cpu() for store in self._store],
+            "pending": [[r.cpu() for r in rows] for rows in self._pending],
+            "packer_carry": (None if self._packer is None
+                             else torch.tensor(self._packer.carry, dtype=torch.long)),
+            "generator": self._generator.get_state(),
+            "text_exhausted": self._text_exhausted,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of a buffer over the same text, built the same
+        way: skips the texts that buffer had read, then serves what it would have served."""
+        widths = [u.shape[-1] for u in state["unread"]]
+        if widths != self.widths or (state["packer_carry"] is None) != (self._packer is None):
+            raise ValueError(f"the saved buffer state (widths {widths}, "
+                             f"{'unpacked' if state['packer_carry'] is None else 'packed'}) "
+                             f"does not fit this buffer (widths {self.widths}, "
+                             f"{'packed' if self.pack else 'unpacked'}): resume with the "
+                             "arguments of the run that saved it")
+        n = state["unread"][0].shape[0]
+        if n > self._store[0].shape[0]:
+            raise ValueError(f"the saved buffer state holds {n} rows, more than this "
+                             f"buffer's {self._store[0].shape[0]}: resume with the same n_ctxs "
+                             "and ctx_len")
+        wanted = int(state["texts_seen"])
+        self.texts_seen = 0
+        skipped = len(self._next_texts(wanted))
+        if skipped < wanted:
+            raise ValueError(f"the text ran out after {skipped} texts, but the saved buffer "
+                             f"had read {wanted}: resume on the text of the run that saved it")
+        for store, rows in zip(self._store, state["unread"]):
+            store[:n].copy_(rows)
+        self._n_stored = n
+        self._order = torch.arange(n, device=self.device)
+        self._pos = 0
+        self._pending = [[r.to(self.device) for r in rows] for rows in state["pending"]]
+        if self._packer is not None:
+            self._packer.carry = state["packer_carry"].tolist()
+        self._generator.set_state(state["generator"])
+        self._text_exhausted = bool(state["text_exhausted"])
+        self.tokens_seen = int(state["tokens_seen"])
 
     # -- serving -------------------------------------------------------------------------------
     @property
@@ -286,6 +352,19 @@ class ActivationBuffer:
             "tokenization": "packed" if self.pack else "truncate, left-pad, mask",
             "tokens_seen": self.tokens_seen,
         }
+
+
+def check_memory(n_bytes: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse, before allocating, a tensor that the device's memory cannot hold."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[1]
+    elif device.type == "cpu":
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if n_bytes > available:
+        raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but this machine's "
+                         f"{device.type} memory is {available / 2**30:.1f} GiB: {fix}")
 
 
 def model_name(model) -> str | None:

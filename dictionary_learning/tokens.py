@@ -53,29 +53,29 @@ class TokenPacker:
     def __init__(self, tokenizer, ctx_len: int):
         self.tokenizer, self.ctx_len = tokenizer, ctx_len
         self.separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self._carry: list[int] = []
+        self.carry: list[int] = []
 
     def add(self, texts: list[str]) -> None:
         for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            self._carry.extend(ids)
-            self._carry.extend(self.separator)
+            self.carry.extend(ids)
+            self.carry.extend(self.separator)
 
     @property
     def n_full_windows(self) -> int:
-        return len(self._carry) // self.ctx_len
+        return len(self.carry) // self.ctx_len
 
     def windows(self, n: int, final: bool = False) -> dict[str, torch.Tensor] | None:
         """Up to ``n`` full windows as a model batch (``None`` when there are none). With
         ``final``, the leftover tokens make one last, shorter window."""
         n = min(n, self.n_full_windows)
         if n == 0:
-            if not (final and self._carry):
+            if not (final and self.carry):
                 return None
-            ids, self._carry = torch.tensor([self._carry]), []
+            ids, self.carry = torch.tensor([self.carry]), []
         else:
             take = n * self.ctx_len
-            ids = torch.tensor(self._carry[:take]).view(n, self.ctx_len)
-            del self._carry[:take]
+            ids = torch.tensor(self.carry[:take]).view(n, self.ctx_len)
+            del self.carry[:take]
         mask = torch.ones_like(ids)
         return {"input_ids": ids, "attention_mask": mask,
                 "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
