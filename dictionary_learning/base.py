@@ -118,6 +118,9 @@ class Dictionary(nn.Module):
     decoder_norm: ClassVar[str | None] = "unit"
     _feature_axis: ClassVar[dict[str, int]] = {}
     _roles: ClassVar[dict[str, str]] = {}
+    _training_counters: ClassVar[tuple[str, ...]] = ()
+    """Plain attributes that training changes and later steps read (not in the state_dict,
+    so ``ae.pt`` keeps the published keys); the trainer state saves and restores them."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -100,14 +101,20 @@ class TrainerConfig:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
+class NonFiniteError(ValueError):
+    """Training met values that are not finite and stopped (or would have written them)."""
+
+
 class StepResult(NamedTuple):
     """What one step leaves behind: the total loss, the loss terms and features, and the
-    (scaled) target the reconstruction was compared with."""
+    (scaled) target the reconstruction was compared with. ``skipped`` names what was not
+    finite when the step was not applied (``"input"``, ``"loss"`` or ``"gradients"``)."""
 
     loss: torch.Tensor
-    out: LossOutput
+    out: LossOutput | None
     target: torch.Tensor
     lr: float
+    skipped: str | None = None
 
 
 class Trainer:
@@ -127,6 +134,12 @@ class Trainer:
         self.warm_start = 0        # step at which the current warm-up began
         self.n_resampled = 0
         self.activation_scale = 1.0  # activations are multiplied by this before training
+        self.started = False       # start() ran (on the first finite batch)
+        self.n_skipped = 0         # steps not applied because something was not finite
+        self.consecutive_skips = 0
+        # Resampling's draws come from the trainer's own generator, saved with its state.
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            0 if config.seed is None else config.seed)
         self.autocast_dtype = (None if config.autocast_dtype is None
                                else getattr(torch, config.autocast_dtype))
 
@@ -135,17 +148,24 @@ class Trainer:
         return next(self.dictionary.parameters(), torch.empty(0)).dtype
 
     @torch.no_grad()
-    def start(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def start(self, x: torch.Tensor, target: torch.Tensor) -> bool:
         """Before the first step: with ``normalize_activations``, the factor that gives the
         first batch (a random sample of a shuffled buffer) an average norm of sqrt(d); then
-        the dictionary's data-dependent initialisation."""
+        the dictionary's data-dependent initialisation. Returns False, changing nothing,
+        for a batch that is not finite (or whose norm overflows): the next one is used."""
+        if not bool(torch.isfinite(x.sum() + target.sum())):
+            return False
         if self.config.normalize_activations:
             mean_norm = float(x.norm(dim=-1).mean())
+            if not math.isfinite(mean_norm):
+                return False
             if mean_norm <= 0:
                 raise ValueError("the first batch of activations is all zeros: cannot "
                                  "normalise")
             self.activation_scale = x.shape[-1] ** 0.5 / mean_norm
         self.dictionary.init_from_data(x * self.activation_scale, target * self.activation_scale)
+        self.started = True
+        return True
 
     def lr_at(self, step: int) -> float:
         cfg = self.config
@@ -163,11 +183,17 @@ class Trainer:
 
     def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> StepResult:
         """One Adam step on a batch. Cheap to return; :meth:`summary` turns the result into
-        logged numbers when the loop wants them (not every step)."""
+        logged numbers when the loop wants them (not every step).
+
+        A step whose input, loss or gradients are not finite is not applied (the
+        dictionary, optimizer and counters stay as they were) and comes back with
+        ``skipped`` set; one reduction and one host sync per step decide it."""
         cfg, ae = self.config, self.dictionary
+        lr = self.lr_at(step)
+        if not self.started and not self.start(x, target):
+            return self._skip("input", x, target, lr)
         if self.activation_scale != 1.0:
             x, target = x * self.activation_scale, target * self.activation_scale
-        lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ctx = LossContext(penalty=cfg.penalty,
@@ -179,6 +205,17 @@ class Trainer:
                    for name, value in out.terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in ae.parameters() if p.grad is not None]
+        # NaN and inf survive a sum (and a sum of huge values overflows to inf): one
+        # reduction over the batch, the loss and every gradient says whether all is finite.
+        check = torch.stack([x.sum(), target.sum(), loss.detach().float(),
+                             *(g.sum().float() for g in grads)])
+        if not bool(torch.isfinite(check.sum())):
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = torch.isfinite(check).tolist()
+            what = "input" if not all(finite[:2]) else "loss" if not finite[2] else "gradients"
+            return self._skip(what, x, target, lr, loss.detach(), out)
+        self.consecutive_skips = 0
         ae.constrain_gradients()
         if cfg.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip_norm)
@@ -197,11 +234,19 @@ class Trainer:
                 self.resample_dead(step, x, target)
         return StepResult(loss.detach(), out, target, lr)
 
+    def _skip(self, what: str, x, target, lr, loss=None, out=None) -> StepResult:
+        self.n_skipped += 1
+        self.consecutive_skips += 1
+        nan = torch.tensor(float("nan"))
+        return StepResult(nan if loss is None else loss, out, target, lr, skipped=what)
+
     @staticmethod
     @torch.no_grad()
     def summary(result: StepResult) -> dict[str, float]:
         """Logged numbers of a step: every loss term, the total, L0, the fraction of
         variance explained on the batch, and the learning rate."""
+        if result.skipped is not None:
+            return {"skipped": result.skipped, "lr": result.lr}
         terms, f, target = result.out.terms, result.out.features, result.target
         variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
         logged = {name: float(v) for name, v in terms.items()}
@@ -223,6 +268,12 @@ class Trainer:
             "warm_start": self.warm_start,
             "activation_scale": self.activation_scale,
             "n_resampled": self.n_resampled,
+            "started": self.started,
+            "n_skipped": self.n_skipped,
+            "consecutive_skips": self.consecutive_skips,
+            "generator": self.generator.get_state(),
+            "dictionary_counters": {name: getattr(self.dictionary, name)
+                                    for name in self.dictionary._training_counters},
         }
 
     def load_state(self, state: dict) -> None:
@@ -241,6 +292,13 @@ class Trainer:
         self.warm_start = int(state["warm_start"])
         self.activation_scale = float(state["activation_scale"])
         self.n_resampled = int(state["n_resampled"])
+        self.started = bool(state.get("started", True))
+        self.n_skipped = int(state.get("n_skipped", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        for name, value in state.get("dictionary_counters", {}).items():
+            setattr(self.dictionary, name, value)
 
     def raw_dictionary(self) -> Dictionary:
         """The dictionary as it applies to raw activations: with ``normalize_activations``
@@ -269,7 +327,8 @@ class Trainer:
         losses = (target - ae(x)).pow(2).sum(dim=-1)
         if float(losses.sum()) <= 0:
             return 0
-        idx = torch.multinomial(losses.pow(2), n_dead, replacement=n_dead > len(losses))
+        idx = torch.multinomial(losses.pow(2), n_dead, replacement=n_dead > len(losses),
+                                generator=self.generator)
         x_dir = x[idx] / x[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
         t_dir = target[idx] / target[idx].norm(dim=-1, keepdim=True).clamp_min(1e-8)
         alive_norm = ae.W_enc[~dead].norm(dim=-1).mean() if (~dead).any() else 1.0

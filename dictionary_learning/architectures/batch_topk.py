@@ -54,10 +54,13 @@ class BatchTopKSAE(AutoEncoderTopK):
     The threshold is updated after each optimizer step (``apply_constraints``) from the
     step's training features, once more than ``threshold_start_step`` steps have passed:
     a running average with weight ``threshold_beta`` (default 0.999, as upstream) of the
-    smallest positive selected activation in the batch. The step count lives in memory
-    only: a reloaded dictionary waits ``threshold_start_step`` steps again before
-    updating. Loss: as :class:`AutoEncoderTopK` (``mse`` + ``auxk``).
+    smallest positive selected activation in the batch. The step count is not in ``ae.pt``
+    (a dictionary loaded from it waits ``threshold_start_step`` steps again before
+    updating); a resumed training run restores it from the trainer state.
+    Loss: as :class:`AutoEncoderTopK` (``mse`` + ``auxk``).
     """
+
+    _training_counters = ("_steps_seen",)
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, auxk_alpha: float = 1 / 32,
                  k_aux: int | None = None, threshold_beta: float = 0.999,

@@ -38,6 +38,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
 
     _feature_axis = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
     _roles = {"W_dec": "W_dec", "W_enc": "W_enc", "b_enc": "b_enc"}
+    _training_counters = ("_steps_seen",)
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
                  auxk_alpha: float = 1 / 32, k_aux: int | None = None,
