@@ -9,10 +9,18 @@ Layout (upstream's, so its own loader reads our folders)::
       training_curves.png              those lines plotted (at each checkpoint and the end)
       checkpoints/ae_{step}.pt         bare state_dicts
       checkpoints/trainer_state_{step}.pt   what resuming needs: the training-time
-                                       dictionary, optimizer, counters, step, stream position
+                                       dictionary, optimizer, counters, generators, step
+    run_dir/checkpoints/stream_state_{step}.pt   the activation buffer's state (one per run,
+                                       shared by a sweep's trainers; only the latest kept)
 
-Every file is written to a temporary name in the same folder and renamed into place, so
-an interrupted run never leaves a truncated file: the last complete checkpoint loads.
+A checkpoint is complete once every trainer's ``trainer_state_{step}.pt`` exists: they are
+written last, after the weights and the stream state. Every file is written through
+:func:`~dictionary_learning.files.atomic_write` (temporary name, fsync, rename), so an
+interrupted run never leaves a truncated file, and leftovers of killed writes are removed
+when the folder is next opened. Nothing non-finite is written: a dictionary holding NaN or
+inf raises :class:`~dictionary_learning.trainer.NonFiniteError` instead. ``config.json`` of
+a finished run records the SHA-256 of ``ae.pt`` (``{"sha256": {"ae.pt": ...}}``), which
+the loader checks.
 """
 
 from __future__ import annotations
@@ -26,12 +34,24 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, json_line, write_json  # noqa: F401 - atomic_write re-exported
+from .files import (atomic_write, file_sha256, json_line,  # noqa: F401 - re-exported
+                    remove_stale_temps, write_json)
+from .formats.common import read_pickle
 from .loading import CONFIG_NAME, WEIGHTS_NAME
+from .trainer import NonFiniteError
 
 
 def save_state_dict(state_dict: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+
+
+def check_finite(state_dict: dict, what: str) -> None:
+    """Raise :class:`NonFiniteError` when a tensor of ``state_dict`` holds NaN or inf."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"{what}: {key} is not finite; not written (the last "
+                                 "complete checkpoint stays the resume point)")
 
 
 def save_json(obj: dict, path: Path) -> None:
@@ -76,10 +96,44 @@ def read_trainer_state(folder: str | Path, step: int) -> dict:
     """The trainer state saved at ``step`` in ``folder/checkpoints`` (tensors and numbers only)."""
     path = Path(folder) / "checkpoints" / f"trainer_state_{step}.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} could not be read (truncated?): {e}; delete it to resume from "
-                         "an earlier checkpoint") from e
+        return read_pickle(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it to resume from an earlier checkpoint") from e
+
+
+STREAM_STATE = re.compile(r"^stream_state_(\d+)\.pt$")
+
+
+def _stream_state_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"stream_state_{step}.pt"
+
+
+def stream_state_steps(run_dir: str | Path) -> list[int]:
+    """Steps at which ``run_dir/checkpoints`` holds the activation stream's state."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := STREAM_STATE.match(p.name)))
+
+
+def save_stream_state(run_dir: str | Path, step: int, state: dict) -> None:
+    save_state_dict(state, _stream_state_path(run_dir, step))
+
+
+def read_stream_state(run_dir: str | Path, step: int) -> dict:
+    path = _stream_state_path(run_dir, step)
+    try:
+        return read_pickle(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; the run cannot resume exactly from step {step}") from e
+
+
+def prune_stream_states(run_dir: str | Path, keep: int) -> None:
+    """Remove the stream states of steps before ``keep`` (each can be as large as the
+    buffer; only the latest complete checkpoint's is needed)."""
+    for step in stream_state_steps(run_dir):
+        if step < keep:
+            _stream_state_path(run_dir, step).unlink(missing_ok=True)
 
 
 class CheckpointWriter:
@@ -107,6 +161,8 @@ class CheckpointWriter:
         trainer_section.setdefault("layer", _layer(run_info.get("submodule_name")))
         self.trainer_section = trainer_section
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.folder)
+        remove_stale_temps(self.folder / "checkpoints")
         metrics = self.folder / "metrics.jsonl"
         if resume_step is None:
             metrics.unlink(missing_ok=True)
@@ -117,7 +173,8 @@ class CheckpointWriter:
             atomic_write(metrics, lambda tmp: Path(tmp).write_text(
                 "".join(line + "\n" for line in kept)))
 
-    def _write_config(self, step: int, n_tokens: int, finished: bool) -> None:
+    def _write_config(self, step: int, n_tokens: int, finished: bool,
+                      weights_sha256: str | None = None) -> None:
         config = {
             "trainer": self.trainer_section,
             "buffer": self.buffer_config,
@@ -126,27 +183,47 @@ class CheckpointWriter:
                 "steps_done": step,
                 "activations_trained": n_tokens,
                 "features_resampled": self.trainer.n_resampled,
+                "skipped_steps": self.trainer.n_skipped,
                 "activation_scale": self.trainer.activation_scale,
                 "versions": versions(),
             },
         }
+        if weights_sha256 is not None:
+            config["sha256"] = {WEIGHTS_NAME: weights_sha256}
         save_json(config, self.folder / CONFIG_NAME)
 
     def log(self, step: int, n_tokens: int, entry: dict) -> None:
+        """Append one line (strict JSON: a non-finite number is ``null``)."""
+        line = json_line({"step": step, "activations": n_tokens, **entry})
         with open(self.folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "activations": n_tokens, **entry}) + "\n")
+            f.write(line + "\n")
 
-    def checkpoint(self, step: int, n_tokens: int, texts_read: int | None = None) -> None:
-        """``ae_{step}.pt`` (raw activations, loadable alone) and, written last, the
-        ``trainer_state_{step}.pt`` that marks the checkpoint complete for resuming."""
-        t = self.trainer
-        folder = self.folder / "checkpoints"
-        save_state_dict(t.raw_dictionary().state_dict(), folder / f"ae_{step}.pt")
-        save_state_dict({**t.state(), "step": step, "activations_trained": n_tokens,
-                         "texts_read": -1 if texts_read is None else texts_read},
-                        folder / f"trainer_state_{step}.pt")
+    def _raw_state_dict(self, what: str) -> dict:
+        state_dict = self.trainer.raw_dictionary().state_dict()
+        check_finite(state_dict, what)
+        return state_dict
+
+    def write_weights(self, step: int) -> None:
+        """``checkpoints/ae_{step}.pt``: the dictionary on raw activations, loadable alone."""
+        path = self.folder / "checkpoints" / f"ae_{step}.pt"
+        save_state_dict(self._raw_state_dict(str(path)), path)
+
+    def write_state(self, step: int, n_tokens: int, texts_read: int | None = None) -> None:
+        """``checkpoints/trainer_state_{step}.pt``, which marks the checkpoint complete for
+        resuming; then ``config.json`` and the curves."""
+        path = self.folder / "checkpoints" / f"trainer_state_{step}.pt"
+        state = self.trainer.state()
+        check_finite(state["dictionary"], str(path))
+        save_state_dict({**state, "step": step, "activations_trained": n_tokens,
+                         "texts_read": -1 if texts_read is None else texts_read}, path)
         self._write_config(step, n_tokens, finished=False)
         self.plot_curves()
+
+    def checkpoint(self, step: int, n_tokens: int, texts_read: int | None = None) -> None:
+        """A whole checkpoint of this trainer: :meth:`write_weights`, then
+        :meth:`write_state`."""
+        self.write_weights(step)
+        self.write_state(step, n_tokens, texts_read)
 
     def plot_curves(self) -> None:
         """``training_curves.png`` from ``metrics.jsonl`` (nothing before the first log)."""
@@ -161,6 +238,7 @@ class CheckpointWriter:
 
     def finish(self, step: int, n_tokens: int, buffer_config: dict) -> None:
         self.buffer_config = buffer_config
-        save_state_dict(self.trainer.raw_dictionary().state_dict(), self.folder / WEIGHTS_NAME)
-        self._write_config(step, n_tokens, finished=True)
+        path = self.folder / WEIGHTS_NAME
+        save_state_dict(self._raw_state_dict(str(path)), path)
+        self._write_config(step, n_tokens, finished=True, weights_sha256=file_sha256(path))
         self.plot_curves()

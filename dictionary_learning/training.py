@@ -32,8 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Dictionary
-from .saving import CheckpointWriter, checkpoint_steps, read_trainer_state
-from .trainer import StepResult, Trainer, TrainerConfig  # noqa: F401 - part of this API
+from .files import WriteError
+from .saving import (CheckpointWriter, checkpoint_steps, prune_stream_states,
+                     read_stream_state, read_trainer_state, save_stream_state,
+                     stream_state_steps)
+from .trainer import NonFiniteError, StepResult, Trainer, TrainerConfig  # noqa: F401 - API
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +64,48 @@ def split_batch(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
                                                    non_blocking=True))
 
 
-def prefetched(batches: Iterable, device: torch.device) -> Iterator:
-    """Yield batches with the next one already on its way to a CUDA ``device`` (a
-    non-blocking copy from pinned memory overlaps the current step); elsewhere as is."""
-    it = iter(batches)
-    if device.type != "cuda":
-        yield from it
-        return
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch.to(device, non_blocking=True)
 
-    def to_device(b):
-        if isinstance(b, dict):
-            return {k: to_device(v) for k, v in b.items()}
-        if isinstance(b, (tuple, list)):
-            return type(b)(to_device(v) for v in b)
-        return b.to(device, non_blocking=True)
 
-    nxt = next(it, None)
-    while nxt is not None:
-        current = to_device(nxt)
-        nxt = next(it, None)
-        yield current
+class _Stream:
+    """The loop's view of its activation source. On a CUDA ``device`` the next batch is read
+    while the current one trains (its non-blocking copy from pinned memory overlaps the
+    step); elsewhere batches come as they are. A source with ``state_dict()`` /
+    ``load_state_dict()`` (an :class:`~dictionary_learning.buffer.ActivationBuffer`) is
+    resumable: the stream's state is the source's plus any batch read ahead but not yet
+    trained on, so a checkpoint never loses one."""
+
+    def __init__(self, source: Iterable, device: torch.device):
+        self.source, self.device = source, device
+        self._ahead: list = []  # batches read from the source, not yet trained on
+        self.resumable = all(callable(getattr(source, name, None))
+                             for name in ("state_dict", "load_state_dict"))
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.source)
+        read_ahead = self.device.type == "cuda"
+        while True:
+            batch = self._ahead.pop(0) if self._ahead else next(it, None)
+            if batch is None:
+                return
+            if read_ahead:
+                batch = _to_device(batch, self.device)
+                upcoming = next(it, None)
+                if upcoming is not None:
+                    self._ahead.append(upcoming)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"source": self.source.state_dict(), "ahead": list(self._ahead)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self._ahead = list(state["ahead"])
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -117,10 +142,13 @@ class _DeferredInterrupt:
         return False
 
 
-def resume_step(save_dir: str | Path, n_trainers: int) -> int:
-    """The latest step at which every trainer folder of ``save_dir`` has a checkpoint."""
+def resume_step(save_dir: str | Path, n_trainers: int, stream_state: bool = False) -> int:
+    """The latest step at which every trainer folder of ``save_dir`` has a checkpoint (and,
+    with ``stream_state``, the activation stream's state was saved too)."""
     folders = _trainer_dirs(save_dir, n_trainers)
     common = set.intersection(*(set(checkpoint_steps(f)) for f in folders))
+    if stream_state:
+        common &= set(stream_state_steps(save_dir))
     if not common:
         raise ValueError(f"no checkpoint to resume from in {save_dir} (looked for "
                          "checkpoints/trainer_state_*.pt beside ae_*.pt"
@@ -138,7 +166,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        save_steps: int | Iterable[int] | None = None,
                        log_steps: int | None = None, device: str | torch.device = "cpu",
                        run_info: dict | None = None, progress: bool = True,
-                       resume: bool = False, wandb_project: str | None = None
+                       resume: bool = False, wandb_project: str | None = None,
+                       on_nonfinite: str = "skip", max_skips: int = 10
                        ) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
@@ -154,10 +183,21 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     raw activations), in the order of ``configs``.
 
     ``resume=True`` continues from the latest checkpoint in ``save_dir`` (dictionary,
-    optimizer, schedules, counters, step); the caller positions ``activations`` past the
-    text already read (``texts_read`` in the trainer state; :func:`checkpoint_texts_read`).
+    optimizer, schedules, counters, random generators, step). A source with
+    ``state_dict``/``load_state_dict`` (an ``ActivationBuffer``) is saved with every
+    checkpoint and restored, so a resumed run trains on exactly the batches the
+    uninterrupted one would have: pass a buffer built the same way on the same text from
+    its start. Other sources are positioned by the caller past the text already read
+    (``texts_read`` in the trainer state; :func:`checkpoint_texts_read`).
     Ctrl-C finishes the current step, writes a checkpoint and raises
     :class:`TrainingInterrupted`.
+
+    A step whose batch, loss or gradients are not finite is not applied. With
+    ``on_nonfinite="skip"`` it is counted (progress bar, ``metrics.jsonl``, a warning, the
+    ``skipped_steps`` of ``config.json``) and training goes on; more than ``max_skips``
+    consecutive skipped steps of one dictionary, or any with ``on_nonfinite="stop"``, raise
+    :class:`NonFiniteError` naming the step. Nothing non-finite is ever written: the last
+    checkpoint stays the resume point.
 
     Every logged step goes to each folder's ``metrics.jsonl`` (plotted into
     ``training_curves.png`` at checkpoints and at the end) and, with ``wandb_project``, to
@@ -167,18 +207,27 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         raise ValueError("configs is empty: pass at least one TrainerConfig")
     if resume and save_dir is None:
         raise ValueError("resume needs the save_dir of the run to continue")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got "
+                         f"{on_nonfinite!r}")
+    if max_skips < 1:
+        raise ValueError(f"max_skips must be at least 1, got {max_skips}")
+    save_at = _save_schedule(save_steps)
     device = torch.device(device)
+    stream = _Stream(activations, device)
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
     trainers = [Trainer(cfg, device, total_steps=steps) for cfg in configs]
     step, n_tokens = 0, 0
     if resume:
-        step = resume_step(save_dir, len(configs))
+        step = resume_step(save_dir, len(configs), stream_state=stream.resumable)
         for folder, t in zip(_trainer_dirs(save_dir, len(configs)), trainers):
             state = read_trainer_state(folder, step)
             t.load_state(state)
             n_tokens = int(state["activations_trained"])
+        if stream.resumable:
+            stream.load_state_dict(read_stream_state(save_dir, step))
         logger.info("resuming from step %d (%d activations trained)", step, n_tokens)
     writers = []
     if save_dir is not None:
@@ -186,7 +235,6 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps,
             resume_step=step if resume else None)
             for d, t in zip(_trainer_dirs(save_dir, len(configs)), trainers)]
-    save_at = _save_schedule(save_steps)
     wandb = None
     if wandb_project is not None:
         from .dashboards import WandbLogger
@@ -194,32 +242,50 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         wandb = WandbLogger(wandb_project, run_name=Path(save_dir).name if save_dir else None,
                             config={"trainers": [dataclasses.asdict(c) for c in configs],
                                     "buffer": buffer_config})
+    last_checkpoint = step if resume else None
 
     def checkpoint():
-        for w in writers:
-            w.checkpoint(step, n_tokens, texts_read=getattr(activations, "texts_seen", None))
+        nonlocal last_checkpoint
+        try:
+            for w in writers:
+                w.write_weights(step)
+            if stream.resumable:
+                save_stream_state(save_dir, step, stream.state_dict())
+            for w in writers:  # written last: they mark the checkpoint complete
+                w.write_state(step, n_tokens, texts_read=getattr(activations, "texts_seen",
+                                                                 None))
+        except WriteError as e:
+            raise WriteError(e.errno, f"{e.strerror}; {_resume_hint(last_checkpoint, save_dir)}"
+                             ) from e
+        if stream.resumable:
+            prune_stream_states(save_dir, keep=step)
+        last_checkpoint = step
 
     log_every = log_steps or max(1, (steps or 1000) // 100)
     bar = tqdm(total=steps, initial=step, desc="Training", unit="step", disable=not progress)
     first_step, start_tokens = step, n_tokens
     try:
         with _DeferredInterrupt() as interrupt:
-            for batch in prefetched(activations, device):
-                if steps is not None and step >= steps:
+            batches = iter(stream)
+            while steps is None or step < steps:
+                batch = next(batches, None)
+                if batch is None:
                     break
                 results = []
-                for t in trainers:
+                for i, t in enumerate(trainers):
                     x, target = split_batch(select_batch(batch, t.config.submodule), device,
                                             t.dtype)
-                    if step == 0:
-                        t.start(x, target)
-                    results.append(t.step(step, x, target))
+                    result = t.step(step, x, target)
+                    if result.skipped is not None:
+                        _on_skip(step, i, t, result.skipped, on_nonfinite, max_skips,
+                                 _resume_hint(last_checkpoint, save_dir))
+                    results.append(result)
                 n_tokens += x.shape[0]
                 step += 1
                 bar.update(1)
                 if step % log_every == 0 or step == first_step + 1:
-                    _log(step, n_tokens - start_tokens, results, bar, writers, log_steps,
-                         n_tokens, wandb)
+                    _log(step, n_tokens - start_tokens, results, trainers, bar, writers,
+                         log_steps, n_tokens, wandb)
                 if save_at(step) or (interrupt.requested and writers):
                     checkpoint()
                 if interrupt.requested:
@@ -230,9 +296,38 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             wandb.finish()
     if steps is not None and step < steps:
         logger.warning("activations ran out after %d of %d steps", step, steps)
+    for i, t in enumerate(trainers):
+        if t.n_skipped:
+            logger.warning("trainer %d (%s): %d of %d steps skipped (not finite)", i,
+                           t.config.dict_class, t.n_skipped, step)
     for w in writers:
         w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
     return [t.raw_dictionary() for t in trainers]
+
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+def _on_skip(step, i, trainer, what, policy, max_skips, hint) -> None:
+    """Warn about a skipped step; raise when the policy or the run of skips says stop."""
+    name = f"trainer {i} ({trainer.config.dict_class})"
+    if policy == "stop":
+        raise NonFiniteError(f"step {step}, {name}: the {what} was not finite; stopped "
+                             f"(on_nonfinite='stop'); {hint}")
+    if trainer.consecutive_skips > max_skips:
+        raise NonFiniteError(f"step {step}, {name}: the {what} was not finite in "
+                             f"{trainer.consecutive_skips} steps in a row (more than "
+                             f"max_skips={max_skips}); check the activations; {hint}")
+    logger.warning("step %d, %s: the %s is not finite; step skipped (%d so far)", step, name,
+                   what, trainer.n_skipped)
+
+
+def _resume_hint(last_checkpoint: int | None, save_dir) -> str:
+    if save_dir is None:
+        return "nothing was saved"
+    if last_checkpoint is None:
+        return f"no checkpoint was written in {save_dir} yet"
+    return f"the last complete checkpoint (step {last_checkpoint}) in {save_dir} resumes"
 
 
 def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | None:
@@ -243,15 +338,22 @@ def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | No
     return None if texts < 0 else texts
 
 
-def _log(step, tokens_this_run, results, bar, writers, log_steps, n_tokens, wandb) -> None:
-    logged = [Trainer.summary(r) for r in results]
+def _log(step, tokens_this_run, results, trainers, bar, writers, log_steps, n_tokens,
+         wandb) -> None:
+    logged = [{**Trainer.summary(r), "skipped_steps": t.n_skipped}
+              for r, t in zip(results, trainers)]
     elapsed = bar.format_dict["elapsed"] or float("nan")
-    bar.set_postfix(loss=f"{logged[0]['loss']:.4g}", mse=f"{logged[0]['mse']:.4g}",
-                    l0=f"{logged[0]['l0']:.1f}", tok_s=f"{tokens_this_run / elapsed:.0f}")
+    first = logged[0]
+    postfix = {} if "loss" not in first else dict(
+        loss=f"{first['loss']:.4g}", mse=f"{first['mse']:.4g}", l0=f"{first['l0']:.1f}")
+    skipped = sum(t.n_skipped for t in trainers)
+    bar.set_postfix(**postfix, tok_s=f"{tokens_this_run / elapsed:.0f}",
+                    **({"skipped": skipped} if skipped else {}))
     for i, entry in enumerate(logged):
         if log_steps:
             logger.info("step %d trainer %d: %s", step, i,
-                        " ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+                        " ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                 for k, v in entry.items()))
         if writers:
             writers[i].log(step, n_tokens, entry)
         if wandb is not None:
@@ -311,7 +413,9 @@ def trainSAE(activations: Iterable, activation_dim: int | tuple[int, int], dicti
 
 
 class _Rejoined:
-    """An iterator that puts a peeked first batch back, keeping the source's ``config``."""
+    """An iterator that puts a peeked first batch back, keeping the source's ``config``.
+    It has no ``state_dict``: a resumed ``trainSAE`` run positions its stream itself (or use
+    :func:`train_dictionaries` with the buffer, which saves and restores its state)."""
 
     def __init__(self, first, rest: Iterator, source):
         self._it, self._source = chain([first], rest), source
