@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from .files import check_writable, remove_stale_temps, write_json
 from .registry import DICTIONARY_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -106,8 +108,16 @@ class TrainRun:
     eval_loss_texts: int = _opt(64, "of those, how many the loss-recovered metric runs on")
     wandb: str | None = _opt(None, "log to this Weights & Biases project (needs wandb; "
                              "WANDB_MODE=offline works without network)")
+    on_nonfinite: str = _opt("skip", "a step whose batch, loss or gradients are not finite is "
+                             "never applied: 'skip' it and go on, or 'stop' the run")
+    max_skips: int = _opt(10, "stop when one dictionary skips more than this many steps in "
+                          "a row")
 
     def __post_init__(self):
+        """Every check that needs no model: a bad value fails here, before anything is
+        opened or written."""
+        from .sources import check_device, torch_dtype
+
         for name in ("arch", "lr", "k"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: give at least one value")
@@ -115,16 +125,43 @@ class TrainRun:
             dictionary_class(arch)
         if self.steps is not None and self.tokens is not None:
             raise ValueError("give --steps or --tokens, not both")
-        for name in ("batch_size", "ctx_len", "n_ctxs", "refresh_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        _positive(self, "batch_size", "ctx_len", "n_ctxs", "refresh_batch_size", "steps",
+                  "tokens", "save_steps", "resample_steps", "max_skips", "epochs")
+        for name in ("dict_size", "expansion", "k", "target_l0"):
+            _positive(self, name)
+        for name, values in (("lr", self.lr), ("sparsity_penalty", self.sparsity_penalty)):
+            for v in values:
+                if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                    raise ValueError(f"--{name.replace('_', '-')} {v} is not a "
+                                     f"{'positive' if name == 'lr' else 'non-negative'} "
+                                     "finite number: give e.g. 1e-3")
+        for name in ("warmup_steps", "decay_start", "sparsity_warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.tokens is not None and self.tokens < self.batch_size:
+            raise ValueError(f"--tokens {self.tokens} is less than one batch "
+                             f"(--batch-size {self.batch_size}): give more tokens")
+        steps = self.total_steps
+        if self.decay_start is not None and steps is not None and self.decay_start >= steps:
+            raise ValueError(f"--decay-start {self.decay_start} is not before the last step "
+                             f"({steps}): give a smaller value")
         if self.eval_texts < 1 or not 0 < self.eval_loss_texts <= self.eval_texts:
             raise ValueError("need eval_texts >= 1 and 0 < eval_loss_texts <= eval_texts")
         if abs(sum(self.group_fractions) - 1) > 1e-6 or min(self.group_fractions) <= 0:
             raise ValueError(f"group_fractions must be positive and sum to 1, got "
                              f"{self.group_fractions}")
+        if self.penalty not in ("l1", "entropy"):
+            raise ValueError(f"--penalty must be l1 or entropy, got {self.penalty!r}")
+        if self.io not in ("out", "in", "in_to_out"):
+            raise ValueError(f"--io must be out, in or in_to_out, got {self.io!r}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"--on-nonfinite must be skip or stop, got {self.on_nonfinite!r}")
+        for k in self.k:
+            for size in self.dict_size:
+                _check_k(k, size)
+        torch_dtype(self.dtype)
+        check_device(self.device)
 
     @property
     def total_steps(self) -> int | None:
@@ -145,6 +182,20 @@ PRESETS: dict[str, dict] = {
 and cached (:mod:`dictionary_learning.demo_lm`) and the standard library's docstrings."""
 
 ARGS_NAME = "train_args.json"
+
+
+def _positive(run: TrainRun, *names: str) -> None:
+    for name in names:
+        value = getattr(run, name)
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if v is not None and not v > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def _check_k(k: int, size: int) -> None:
+    if not 1 <= k <= size:
+        raise ValueError(f"--k {k} is outside 1..{size}, the dictionary size: a TopK-family "
+                         "dictionary keeps k of its features per token")
 
 
 def dictionary_class(arch: str) -> str:
@@ -192,6 +243,7 @@ def _variants(run: TrainRun, cls: str, size: int):
         start = {} if run.total_steps is None or cls not in _THRESHOLD_ESTIMATED else \
             _threshold_schedule(run.total_steps)
         for k in run.k:
+            _check_k(k, size)
             extra = {"k": k, **start}
             if cls == "MatryoshkaBatchTopKSAE":
                 groups = [max(1, round(f * size)) for f in run.group_fractions]
@@ -237,15 +289,30 @@ class RunResult(NamedTuple):
     metrics: list[dict]
 
 
-def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> RunResult:
-    """Train and evaluate every dictionary of ``run``; see the module docstring."""
+def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> RunResult:
+    """Train and evaluate every dictionary of ``run``; see the module docstring.
+
+    Every check runs before the first write: a run that fails them leaves ``save_dir`` as
+    it was. A new run refuses a ``save_dir`` that holds a run, unless ``overwrite``
+    (which then removes that run's files first); ``resume`` continues it exactly, from
+    its latest complete checkpoint."""
     from .buffer import ActivationBuffer
-    from .sources import open_texts
+    from .sources import open_texts, torch_dtype
     from .submodules import resolve_submodule, submodule_path
-    from .training import checkpoint_texts_read, train_dictionaries
+    from .training import train_dictionaries
 
     save_dir = Path(run.save_dir)
-    n_saved = _saved_config_count(save_dir) if resume else None  # fails fast
+    check_writable(save_dir)
+    if resume:
+        n_saved = _saved_config_count(save_dir, run)
+    else:
+        n_saved = None
+        held = existing_run_files(save_dir)
+        if held and not overwrite:
+            raise ValueError(f"{save_dir} already holds a run ({', '.join(held[:3])}"
+                             f"{', ...' if len(held) > 3 else ''}): continue it with --resume, "
+                             "replace it with --overwrite, or choose another --save-dir")
     model = open_model(run.model, run.device, run.dtype, progress=progress)
     torch.manual_seed(run.seed)  # after the model: building the demo LM draws numbers too
     submodule = submodule_path(model, run.submodule)
@@ -253,29 +320,29 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
     texts = open_texts(run.data, text_field=run.text_field)
     held_out = list(islice(texts, run.eval_texts))
     texts = _epochs(texts, run)
-    if resume:
-        skip = checkpoint_texts_read(save_dir, n_saved) or 0
-        logger.info("resuming: skipping the %d training texts read before the checkpoint", skip)
-        texts = islice(texts, skip, None)
-    store_dtype = getattr(torch, run.dtype)
+    # On resume the buffer restores its saved state and skips the texts it had read.
     buffer = ActivationBuffer(texts, model, submodule, io=run.io, n_ctxs=run.n_ctxs,
                               ctx_len=run.ctx_len, refresh_batch_size=run.refresh_batch_size,
-                              out_batch_size=run.batch_size, dtype=store_dtype, pack=run.pack,
-                              progress=progress)
+                              out_batch_size=run.batch_size, dtype=torch_dtype(run.dtype),
+                              pack=run.pack, progress=progress, seed=run.seed)
     widths = buffer.d_submodule
     d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
     configs = trainer_configs(run, d_in, d_out)
     if n_saved is not None and n_saved != len(configs):
         raise ValueError(f"{save_dir} holds {n_saved} dictionaries but these arguments "
                          f"make {len(configs)}: resume with the arguments of that run")
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / ARGS_NAME).write_text(json.dumps(dataclasses.asdict(run), indent=2) + "\n")
+    # Every check has passed: from here on the folder is written.
+    if overwrite and not resume:
+        remove_run(save_dir)
+    remove_stale_temps(save_dir, recursive=True)
+    write_json(save_dir / ARGS_NAME, dataclasses.asdict(run))
     logger.info("training %d dictionar%s on %s of %s", len(configs),
                 "y" if len(configs) == 1 else "ies", submodule, run.model)
     dictionaries = train_dictionaries(buffer, configs, steps=run.total_steps, save_dir=save_dir,
                                       save_steps=run.save_steps, device=run.device,
                                       progress=progress, resume=resume,
-                                      wandb_project=run.wandb)
+                                      wandb_project=run.wandb, on_nonfinite=run.on_nonfinite,
+                                      max_skips=run.max_skips)
     folders = ([save_dir] if len(configs) == 1
                else [save_dir / f"trainer_{i}" for i in range(len(configs))])
     from .held_out import evaluate_held_out
@@ -283,6 +350,35 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True) -> 
     metrics = evaluate_held_out(dictionaries, folders, held_out, model, submodule, run,
                                 progress=progress)
     return RunResult(folders, configs, metrics)
+
+
+# What the train command writes into a run folder (and a sweep's trainer_* folders).
+RUN_FILES = (ARGS_NAME, "ae.pt", "config.json", "metrics.jsonl", "eval.json",
+             "feature_frequencies.png", "training_curves.png")
+
+
+def existing_run_files(save_dir: Path) -> list[str]:
+    """The files and folders of a train run in ``save_dir`` (empty when there is none)."""
+    if not save_dir.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (save_dir / name).exists()]
+    found += [p.name + "/" for p in sorted(save_dir.glob("trainer_*")) if p.is_dir()]
+    if (save_dir / "checkpoints").is_dir():
+        found.append("checkpoints/")
+    return found
+
+
+def remove_run(save_dir: Path) -> None:
+    """Remove what a train run wrote into ``save_dir`` (and nothing else), for --overwrite."""
+    import shutil
+
+    for folder in [save_dir, *(p for p in save_dir.glob("trainer_*") if p.is_dir())]:
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+        if (folder / "checkpoints").is_dir():
+            shutil.rmtree(folder / "checkpoints")
+        if folder != save_dir and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _epochs(first_pass, run: TrainRun):
@@ -295,22 +391,32 @@ def _epochs(first_pass, run: TrainRun):
         yield from islice(open_texts(run.data, text_field=run.text_field), run.eval_texts, None)
 
 
-def _saved_config_count(save_dir: Path) -> int:
+def _saved_config_count(save_dir: Path, run: TrainRun) -> int:
     if (save_dir / "trainer_0").is_dir():
         return sum(1 for p in save_dir.glob("trainer_*") if p.is_dir())
     if (save_dir / "checkpoints").is_dir():
         return 1
-    raise ValueError(f"nothing to resume in {save_dir}: no checkpoints there (was the run "
-                     "started with --save-steps?)")
+    why = (f"it was stopped before its first checkpoint (--save-steps {run.save_steps})"
+           if run.save_steps else "it was started without --save-steps, so it wrote none")
+    raise ValueError(f"nothing to resume in {save_dir}: no checkpoint there ({why}); start "
+                     "it again with --overwrite")
 
 
 def read_run_args(save_dir: str | Path) -> dict:
     """The saved arguments of the run in ``save_dir`` (for resuming)."""
     path = Path(save_dir) / ARGS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {ARGS_NAME} in {save_dir}: is it the --save-dir of a "
-                                "run started by the train command?")
-    saved = json.loads(path.read_text())
+        where = (f"{save_dir} does not exist" if not Path(save_dir).exists() else
+                 f"no train run was started in {save_dir} (it has no {ARGS_NAME})")
+        raise FileNotFoundError(f"nothing to resume: {where}; start the run without --resume")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}): the run cannot be resumed; start it "
+                         "again with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(saved).__name__}, not an object): "
+                         "the run cannot be resumed; start it again with --overwrite")
     fields = {f.name: f for f in dataclasses.fields(TrainRun)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:

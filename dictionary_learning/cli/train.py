@@ -9,12 +9,14 @@ import dataclasses
 import time
 import typing
 
+from ..loading import read_config
 from ..train_run import PRESETS, TrainRun, read_run_args, run_training
 from ..training import TrainingInterrupted
 from .common import CLIError, format_table
 
 # What --resume may change from the saved arguments: how long, where, how often to save.
-RESUMABLE = {"steps", "tokens", "save_steps", "device", "eval_texts", "eval_loss_texts"}
+RESUMABLE = {"steps", "tokens", "save_steps", "device", "eval_texts", "eval_loss_texts",
+             "on_nonfinite", "max_skips"}
 
 
 def _parse_list(kind):
@@ -61,6 +63,9 @@ def add_parser(sub) -> None:
                    "here once and cached, and the standard library's docstrings)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --save-dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --save-dir (without it, a new run "
+                   "refuses a folder that holds one)")
     p.add_argument("--entropy", dest="entropy_penalty", type=_parse_list(float),
                    default=argparse.SUPPRESS, metavar="V[,V...]",
                    help="entropy penalty coefficients instead of --l1 (relu dictionaries)")
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Training on {train_run.submodule} of {train_run.model} "
           f"({'resuming' if args.resume else 'new run'}; output in {train_run.save_dir})")
     try:
-        result = run_training(train_run, resume=args.resume, progress=not args.no_progress)
+        result = run_training(train_run, resume=args.resume, progress=not args.no_progress,
+                              overwrite=args.overwrite)
     except TrainingInterrupted as e:
         if e.folders:
             raise KeyboardInterrupt(f"{e}; continue it with: --resume --save-dir "
@@ -122,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nlosses (nats/token): clean {first['loss_clean']:.4f}, zero-ablated "
           f"{first['loss_zero']:.4f}, patched " + ", ".join(
               f"{m['loss_patched']:.4f}" for m in result.metrics))
+    for folder in result.folders:
+        n = read_config(folder).get("run", {}).get("skipped_steps")
+        if not n:
+            continue
+        print(f"\n{folder}: {n} training step(s) skipped (batch, loss or gradients not finite)")
     print("\nWrote, per dictionary: ae.pt, config.json, metrics.jsonl, eval.json, "
           "feature_frequencies.png, checkpoints/")
     for folder in result.folders:
