@@ -101,6 +101,20 @@ class TrainerConfig:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
+def nonfinite_part(x: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
+                   parameters) -> str | None:
+    """``None`` when the batch, the loss and every gradient are finite, else which one is
+    not (``"input"``, ``"loss"``, ``"gradients"``). NaN and inf survive a sum (and a sum of
+    huge values overflows to inf), so one reduction and one host sync decide it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    check = torch.stack([x.sum().float(), target.sum().float(), loss.detach().float(),
+                         *(g.sum().float() for g in grads)])
+    if bool(torch.isfinite(check.sum())):
+        return None
+    finite = torch.isfinite(check).tolist()
+    return "input" if not all(finite[:2]) else "loss" if not finite[2] else "gradients"
+
+
 class NonFiniteError(ValueError):
     """Training met values that are not finite and stopped (or would have written them)."""
 
@@ -205,15 +219,9 @@ class Trainer:
                    for name, value in out.terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in ae.parameters() if p.grad is not None]
-        # NaN and inf survive a sum (and a sum of huge values overflows to inf): one
-        # reduction over the batch, the loss and every gradient says whether all is finite.
-        check = torch.stack([x.sum(), target.sum(), loss.detach().float(),
-                             *(g.sum().float() for g in grads)])
-        if not bool(torch.isfinite(check.sum())):
+        what = nonfinite_part(x, target, loss, ae.parameters())
+        if what is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            finite = torch.isfinite(check).tolist()
-            what = "input" if not all(finite[:2]) else "loss" if not finite[2] else "gradients"
             return self._skip(what, x, target, lr, loss.detach(), out)
         self.consecutive_skips = 0
         ae.constrain_gradients()
