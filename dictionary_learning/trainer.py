@@ -166,8 +166,9 @@ class Trainer:
         """Before the first step: with ``normalize_activations``, the factor that gives the
         first batch (a random sample of a shuffled buffer) an average norm of sqrt(d); then
         the dictionary's data-dependent initialisation. Returns False, changing nothing,
-        for a batch that is not finite (or whose norm overflows): the next one is used."""
-        if not bool(torch.isfinite(x.sum() + target.sum())):
+        for a batch that is not finite (or whose squares overflow): the next one is used."""
+        # Squares that overflow (|x| > ~1e19 in float32) would poison the initialisation.
+        if not bool(torch.isfinite(x.float().pow(2).sum() + target.float().pow(2).sum())):
             return False
         if self.config.normalize_activations:
             mean_norm = float(x.norm(dim=-1).mean())
