@@ -8,6 +8,8 @@
 - end to end: buffer + training tokens/s, and peak resident memory sampled during runs of
   N and 2N steps (it must not grow with the number of steps).
 - TopK step: the sparse TopK training step against the dense ReLU step.
+- guard: the non-finite guard of ``Trainer.step`` (``nonfinite_part``: one reduction and
+  one host sync) against the whole step it is part of, for the ReLU and TopK dictionaries.
 - sweeps: 4 dictionaries from one stream against one collection + 4 single steps; one
   forward pass for dictionaries on every layer against one buffer per layer.
 
@@ -30,7 +32,7 @@ from .cpu_memory import keep_freed_memory
 from .submodules import hidden_states
 from .tiny import stdlib_texts, train_tokenizer
 from .tokens import tokenize_batch
-from .trainer import Trainer, TrainerConfig
+from .trainer import Trainer, TrainerConfig, nonfinite_part
 from .training import train_dictionaries
 
 logger = logging.getLogger(__name__)
@@ -267,6 +269,50 @@ def bench_topk_step(w: Workload, k: int = 32) -> dict:
             "topk_speedup": _median(relu_t) / _median(topk_t)}
 
 
+def bench_guard(w: Workload, k: int = 32) -> dict:
+    """The non-finite guard against the step that contains it: per architecture, the median
+    time of a full ``Trainer.step`` (guard included) and of ``nonfinite_part`` alone on the
+    same batch, loss and gradients (those the last step left), alternating step and guard."""
+    d, m, b = w.d_model, w.dict_size, w.train_batch
+    configs = {"relu": TrainerConfig(d, m, warmup_steps=1),
+               "topk": TrainerConfig(d, m, warmup_steps=1, dict_class="AutoEncoderTopK",
+                                     dict_kwargs={"k": k})}
+    x = torch.randn(b, d, device=w.device, generator=torch.Generator(w.device).manual_seed(0))
+    trainers = {name: Trainer(config, w.device) for name, config in configs.items()}
+    last = {name: trainer.step(0, x, x) for name, trainer in trainers.items()}  # warm-up
+    step_t = {name: [] for name in trainers}
+    guard_t = {name: [] for name in trainers}
+    step = 1
+    for _ in range(w.repeats):
+        for name, trainer in trainers.items():
+            for _ in range(w.train_steps):
+                _sync(w.device)
+                start = time.perf_counter()
+                last[name] = trainer.step(step, x, x)
+                _sync(w.device)
+                step_t[name].append(time.perf_counter() - start)
+                step += 1
+                # The guard as the step calls it: the (scaled) batch, the loss and the
+                # gradients that backward() left on the dictionary's parameters.
+                xs, result = x * trainer.activation_scale, last[name]
+                _sync(w.device)
+                start = time.perf_counter()
+                what = nonfinite_part(xs, result.target, result.loss,
+                                      trainer.dictionary.parameters())
+                guard_t[name].append(time.perf_counter() - start)  # its sync included
+                if what is not None or result.skipped is not None:
+                    raise RuntimeError(f"non-finite {what or result.skipped} on random data")
+    out = {"shape": f"B={b} d={d} m={m}", "k": k}
+    for name in trainers:
+        step_s, guard_s = _median(step_t[name]), _median(guard_t[name])
+        out[name] = {"step_s": step_s, "guard_s": guard_s,
+                     "guard_pct_of_step": 100.0 * guard_s / step_s,
+                     # the fastest of each, less exposed to a shared machine's preemption
+                     "step_min_s": min(step_t[name]), "guard_min_s": min(guard_t[name]),
+                     "n": len(step_t[name])}
+    return out
+
+
 # -- end to end and memory --------------------------------------------------------------------
 
 
@@ -340,6 +386,7 @@ def end_to_end(model, texts, w: Workload, steps: int, configs=None, paths=None) 
     train_dictionaries(sampled(), configs, steps=steps, device=w.device, progress=False)
     _sync(w.device)
     seconds = time.perf_counter() - start
+    rss.append(_rss_bytes() / 2**20)  # after the last step (the loop reads no batch past it)
     return {"steps": steps, "seconds": seconds, "tokens_per_s": steps * w.train_batch / seconds,
             "rss_mb_by_step": rss[1:]}  # rss[i]: after step i
 
@@ -390,7 +437,8 @@ def bench_sweeps(model, texts, w: Workload, n_dicts: int = 4) -> dict:
     }
 
 
-SECTIONS = ("buffer", "train_step", "topk_step", "end_to_end", "sweeps")
+SECTIONS = ("buffer", "train_step", "topk_step", "guard", "end_to_end", "sweeps")
+MODEL_SECTIONS = ("buffer", "end_to_end", "sweeps")  # the ones that need the LM
 
 
 def run_all(w: Workload, sections=SECTIONS) -> dict:
@@ -398,9 +446,14 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
     results = {"workload": asdict(w), "torch_threads": torch.get_num_threads(),
                "malloc_keeps_freed_memory": keep_freed_memory() if w.keep_freed_memory
                else False}
-    logger.info("building the model")
-    model = build_model(w)
-    texts = list(islice(stdlib_texts(), w.n_texts))
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
+    model = texts = None
+    if set(sections) & set(MODEL_SECTIONS):
+        logger.info("building the model")
+        model = build_model(w)
+        texts = list(islice(stdlib_texts(), w.n_texts))
     if "buffer" in sections:
         logger.info("buffer throughput")
         results["buffer"] = bench_buffer(model, texts, w)
@@ -410,6 +463,9 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
     if "topk_step" in sections:
         logger.info("TopK step vs dense ReLU step")
         results["topk_step"] = bench_topk_step(w)
+    if "guard" in sections:
+        logger.info("non-finite guard vs the whole step")
+        results["guard"] = bench_guard(w)
     if "end_to_end" in sections:
         logger.info("end to end")
         results["end_to_end"] = bench_end_to_end(model, texts, w)
@@ -439,6 +495,13 @@ def format_table(results: dict) -> str:
         t = results["topk_step"]
         rows += [(f"TopK (k={t['k']}) step vs ReLU step", f"{t['topk_step_s']:.3f} s vs "
                   f"{t['relu_step_s']:.3f} s = {t['topk_speedup']:.2f}x faster  (target >= 2)")]
+    if "guard" in results:
+        g = results["guard"]
+        for name, label in (("relu", "ReLU"), ("topk", f"TopK k={g['k']}")):
+            r = g[name]
+            rows += [(f"guard / step, {label} ({g['shape']})",
+                      f"{r['guard_s'] * 1e3:.2f} ms / {r['step_s'] * 1e3:.1f} ms = "
+                      f"{r['guard_pct_of_step']:.2f}%  (target < 2%)")]
     if "end_to_end" in results:
         e = results["end_to_end"]
         steps = " / ".join(str(k) for k in e["rss_mb_at_step"])

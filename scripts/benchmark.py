@@ -1,9 +1,11 @@
 """Measure the toolkit against its limits, in one run: buffer vs a plain forward hook,
-training step vs the matmul rate, end to end with peak memory, and sweeps.
+training step vs the matmul rate, TopK vs ReLU step, the non-finite guard vs the step,
+end to end with peak memory, and sweeps.
 
     python scripts/benchmark.py                   # Pythia-70m-shaped random model, CPU
     python scripts/benchmark.py --quick           # small sizes, a smoke test
     python scripts/benchmark.py --device cuda --dtype bfloat16 --json out.json
+    python scripts/benchmark.py --sections guard --json /tmp/guard.json
 
 Prints a table and writes the full results as JSON (medians over alternating repeats).
 """

@@ -28,6 +28,36 @@ def test_benchmark_script_quick_run_reports_every_ratio(tmp_path):
     assert results["buffer"]["real_tokens_packed"] >= results["buffer"]["real_tokens_padded"]
 
 
+def test_benchmark_guard_section_reports_guard_and_step_per_architecture(tmp_path):
+    import math
+
+    out = tmp_path / "guard.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick",
+                             "--sections", "guard", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert "train_step" not in results and "buffer" not in results  # only what was asked
+    guard = results["guard"]
+    assert guard["k"] == 32 and guard["shape"] == "B=512 d=64 m=512"
+    for arch in ("relu", "topk"):
+        r = guard[arch]
+        for key in ("step_s", "guard_s", "guard_pct_of_step"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (arch, key)
+        assert r["guard_pct_of_step"] == 100.0 * r["guard_s"] / r["step_s"]
+        assert r["n"] == results["workload"]["repeats"] * results["workload"]["train_steps"]
+    assert "guard / step, ReLU" in result.stdout and "guard / step, TopK k=32" in result.stdout
+
+
+def test_benchmark_refuses_an_unknown_section():
+    import pytest
+
+    from dictionary_learning.benchmark import Workload, run_all
+
+    with pytest.raises(ValueError, match="unknown sections"):
+        run_all(Workload(), sections=("guard", "nope"))
+
+
 def test_keep_freed_memory_takes_effect_on_glibc():
     import platform
 
