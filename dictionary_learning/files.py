@@ -35,6 +35,9 @@ class WriteError(OSError):
     """A file could not be written (no space, no permission, read-only disk). The message
     names the file and the cause; whatever the file held before is unchanged."""
 
+    def __str__(self) -> str:  # the sentence alone, without OSError's "[Errno N]"
+        return str(self.strerror)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)``, then move the finished temporary file to ``path``."""

@@ -327,7 +327,8 @@ def _resume_hint(last_checkpoint: int | None, save_dir) -> str:
         return "nothing was saved"
     if last_checkpoint is None:
         return f"no checkpoint was written in {save_dir} yet"
-    return f"the last complete checkpoint (step {last_checkpoint}) in {save_dir} resumes"
+    return (f"--resume continues from the last complete checkpoint (step {last_checkpoint}) "
+            f"in {save_dir}")
 
 
 def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | None:

@@ -3,6 +3,7 @@ every architecture, held-out evaluation, resuming after a kill, Ctrl-C, and clea
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from dictionary_learning import load_dictionary
 from dictionary_learning.cli import main
+from dictionary_learning.saving import checkpoint_steps
 from dictionary_learning.tiny import tiny_causal_lm, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,26 +89,51 @@ def test_stretcher_trains_on_mlp_input_to_output(model_dir, data_file, tmp_path)
 
 
 def _start(model_dir, data_file, save_dir, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # The same number of threads as this process: the killed part of a run and its
+    # in-process resume must round alike.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "dictionary_learning", "train", "--model", str(model_dir),
          "--data", str(data_file), "--save-dir", str(save_dir), *SMALL, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for(path: Path, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not path.exists():
+def _logged_steps(metrics: Path) -> int:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return len(lines)  # one line per step: runs of up to 100 steps log every step
+
+
+# Every trainable architecture in one sweep, with resampling: one kill interrupts them all.
+SWEEP = ["--arch", "relu,topk,batchtopk,jumprelu,gated,matryoshka", "--k", "8",
+         "--resample-steps", "7", "--steps", "40", "--save-steps", "5"]
+_REFERENCES: dict = {}
+
+
+def _reference(model_dir, data_file, tmp_path_factory, pack):
+    """The uninterrupted run, once per session and tokenisation."""
+    if pack not in _REFERENCES:
+        folder = tmp_path_factory.mktemp("reference")
+        assert train(model_dir, data_file, folder, *SWEEP, *pack) == 0
+        _REFERENCES[pack] = [torch.load(folder / f"trainer_{i}" / "ae.pt") for i in range(6)]
+    return _REFERENCES[pack]
+
+
+@pytest.mark.parametrize("how, pack", [("kill", ()), ("kill", ("--pack",)),
+                                       ("ctrl-c", ("--pack",))])
+def test_interrupted_run_resumes_bit_identical(model_dir, data_file, tmp_path,
+                                               tmp_path_factory, how, pack):
+    """SIGKILL (or Ctrl-C) at a random step of a sweep over every architecture, then
+    ``--resume``: every dictionary ends equal (torch.equal) to the uninterrupted run's."""
+    expected = _reference(model_dir, data_file, tmp_path_factory, pack)
+    at = random.randrange(7, 25)
+    proc = _start(model_dir, data_file, tmp_path, *SWEEP, *pack)
+    metrics = tmp_path / "trainer_5" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while _logged_steps(metrics) < at:
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
-def test_interrupted_run_resumes_to_the_final_step(model_dir, data_file, tmp_path, how):
-    steps = "400"
-    proc = _start(model_dir, data_file, tmp_path, "--steps", steps, "--save-steps", "2")
-    _wait_for(tmp_path / "checkpoints" / "trainer_state_2.pt", proc)
+        assert time.time() < deadline, "the run did not reach the step to stop at"
+        time.sleep(0.01)
     if how == "kill":
         proc.kill()
         proc.communicate()
@@ -115,16 +142,89 @@ def test_interrupted_run_resumes_to_the_final_step(model_dir, data_file, tmp_pat
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err
         assert "continue it with: --resume" in err
-    done = max(int(p.stem.rsplit("_", 1)[1])
-               for p in (tmp_path / "checkpoints").glob("trainer_state_*.pt"))
-    assert 2 <= done < 400
-    # The checkpoint loads alone, and the run continues from it to the end.
-    load_dictionary(tmp_path / "checkpoints" / f"ae_{done}.pt")
-    assert main(["train", "--resume", "--save-dir", str(tmp_path), "--steps", str(done + 4),
-                 "--no-progress"]) == 0
-    ae, config = load_dictionary(tmp_path)
-    assert config["run"]["finished"] and config["run"]["steps_done"] == done + 4
-    assert torch.isfinite(ae.decoder.weight).all()
+    done = max(checkpoint_steps(tmp_path / "trainer_0"))
+    assert 5 <= done < 40, f"stopped at step {at}"
+    load_dictionary(tmp_path / "trainer_0" / "checkpoints" / f"ae_{done}.pt")
+    assert main(["train", "--resume", "--save-dir", str(tmp_path), "--no-progress"]) == 0
+    assert not list(tmp_path.rglob("*.tmp"))
+    for i, reference in enumerate(expected):
+        resumed = torch.load(tmp_path / f"trainer_{i}" / "ae.pt")
+        for key, tensor in reference.items():
+            assert torch.equal(resumed[key], tensor), f"trainer {i} {key} (stopped at {at})"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, data_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    assert train(model_dir, data_file, folder, "--steps", "4", "--save-steps", "2") == 0
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--save-steps", "0"], "--save-steps must be positive, got 0"),
+    (["--lr", "nan"], "--lr nan is not a positive finite number"),
+    (["--lr", "inf"], "--lr inf is not a positive finite number"),
+    (["--lr", "-1"], "--lr -1.0 is not a positive finite number"),
+    (["--l1", "nan"], "--sparsity-penalty nan is not a non-negative finite number"),
+    (["--arch", "topk", "--k", "1000", "--dict-size", "256"], "--k 1000 is outside 1..256"),
+    (["--arch", "topk", "--k", "1000"], "--k 1000 is outside 1..256"),
+    (["--arch", "topk", "--k", "0"], "--k must be positive, got 0"),
+    (["--arch", "topk", "--k", "-3"], "--k must be positive, got -3"),
+    (["--arch", "batchtopk", "--k", "257", "--dict-size", "256"], "--k 257 is outside 1..256"),
+    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--steps", "-5"], "--steps must be positive, got -5"),
+    (["--dtype", "float64x"], "unknown dtype 'float64x'"),
+    (["--device", "cuda:7"], "has no CUDA device: use --device cpu"),
+    (["--n-ctxs", "100000000"], "lower n_ctxs"),
+    ([], "already holds a run"),
+])
+def test_refused_flags_leave_a_finished_run_byte_identical(model_dir, data_file, finished_run,
+                                                           capsys, args, message):
+    before = _snapshot(finished_run)
+    capsys.readouterr()
+    # With --overwrite, so that the checks after the model opens are reached too: the old
+    # run is removed only once every check has passed.
+    overwrite = ["--overwrite"] if args else []
+    assert train(model_dir, data_file, finished_run, "--steps", "4", *overwrite, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert _snapshot(finished_run) == before
+
+
+def test_save_dir_that_is_a_file_is_one_line(model_dir, data_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert train(model_dir, data_file, tmp_path / "file", "--steps", "2") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resumes(model_dir, data_file,
+                                                                 tmp_path, capsys,
+                                                                 monkeypatch):
+    real_save, calls = torch.save, []
+
+    def fills_up(obj, path, *a, **k):
+        calls.append(path)
+        if "_4.pt" in str(path):  # the second checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    assert train(model_dir, data_file, tmp_path, "--steps", "8", "--save-steps", "2") == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("Loading weights")]  # transformers' own progress bar
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "ae_4.pt" in err[0]
+    assert "disk is full" in err[0] and "last complete checkpoint (step 2)" in err[0]
+    assert checkpoint_steps(tmp_path) == [2] and not list(tmp_path.rglob("*.tmp"))
+    load_dictionary(tmp_path / "checkpoints" / "ae_2.pt")
+    monkeypatch.setattr(torch, "save", real_save)  # room again
+    assert main(["train", "--resume", "--save-dir", str(tmp_path), "--no-progress"]) == 0
+    assert load_dictionary(tmp_path)[1]["run"]["steps_done"] == 8
 
 
 @pytest.mark.parametrize("args, message", [
