@@ -267,6 +267,9 @@ class ActivationBuffer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of a buffer over the same text, built the same
         way: skips the texts that buffer had read, then serves what it would have served."""
+        if self.tokens_seen or self.texts_seen:
+            raise ValueError("load_state_dict needs a buffer that has read nothing yet: build "
+                             "a new one on the same text from its start")
         widths = [u.shape[-1] for u in state["unread"]]
         if widths != self.widths or (state["packer_carry"] is None) != (self._packer is None):
             raise ValueError(f"the saved buffer state (widths {widths}, "

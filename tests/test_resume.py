@@ -1,5 +1,7 @@
-"""Resuming a run: a run killed after a checkpoint, or stopped with Ctrl-C, and then resumed,
-ends with exactly the dictionary of the same run left alone."""
+"""Resuming a run on a stream without a state of its own (batches from an iterator, which
+the caller positions by ``texts_seen``): a run killed after a checkpoint, or stopped with
+Ctrl-C, and then resumed, ends with exactly the dictionary of the same run left alone. The
+real buffer, which saves and restores its state, is tested in ``test_exact_resume.py``."""
 
 import os
 import signal
