@@ -331,6 +331,13 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
     if n_saved is not None and n_saved != len(configs):
         raise ValueError(f"{save_dir} holds {n_saved} dictionaries but these arguments "
                          f"make {len(configs)}: resume with the arguments of that run")
+    if resume:  # a damaged or refused trainer state fails now, before anything is written
+        from .saving import read_trainer_state
+        from .training import trainer_dirs, resume_step
+
+        step = resume_step(save_dir, len(configs), stream_state=True)
+        for folder in trainer_dirs(save_dir, len(configs)):
+            read_trainer_state(folder, step)
     # Every check has passed: from here on the folder is written.
     if overwrite and not resume:
         remove_run(save_dir)

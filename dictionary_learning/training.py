@@ -145,7 +145,7 @@ class _DeferredInterrupt:
 def resume_step(save_dir: str | Path, n_trainers: int, stream_state: bool = False) -> int:
     """The latest step at which every trainer folder of ``save_dir`` has a checkpoint (and,
     with ``stream_state``, the activation stream's state was saved too)."""
-    folders = _trainer_dirs(save_dir, n_trainers)
+    folders = trainer_dirs(save_dir, n_trainers)
     common = set.intersection(*(set(checkpoint_steps(f)) for f in folders))
     if stream_state:
         common &= set(stream_state_steps(save_dir))
@@ -157,7 +157,7 @@ def resume_step(save_dir: str | Path, n_trainers: int, stream_state: bool = Fals
     return max(common)
 
 
-def _trainer_dirs(save_dir: str | Path, n: int) -> list[Path]:
+def trainer_dirs(save_dir: str | Path, n: int) -> list[Path]:
     return [Path(save_dir)] if n == 1 else [Path(save_dir) / f"trainer_{i}" for i in range(n)]
 
 
@@ -222,7 +222,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     step, n_tokens = 0, 0
     if resume:
         step = resume_step(save_dir, len(configs), stream_state=stream.resumable)
-        for folder, t in zip(_trainer_dirs(save_dir, len(configs)), trainers):
+        for folder, t in zip(trainer_dirs(save_dir, len(configs)), trainers):
             state = read_trainer_state(folder, step)
             t.load_state(state)
             n_tokens = int(state["activations_trained"])
@@ -234,7 +234,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         writers = [CheckpointWriter(d, t, buffer_config, {**run_info, **(
             {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps,
             resume_step=step if resume else None)
-            for d, t in zip(_trainer_dirs(save_dir, len(configs)), trainers)]
+            for d, t in zip(trainer_dirs(save_dir, len(configs)), trainers)]
     wandb = None
     if wandb_project is not None:
         from .dashboards import WandbLogger
@@ -335,7 +335,7 @@ def checkpoint_texts_read(save_dir: str | Path, n_trainers: int = 1) -> int | No
     """How many texts the stream had consumed at the checkpoint :func:`train_dictionaries`
     would resume from (``None`` when the stream did not say)."""
     step = resume_step(save_dir, n_trainers)
-    texts = int(read_trainer_state(_trainer_dirs(save_dir, n_trainers)[0], step)["texts_read"])
+    texts = int(read_trainer_state(trainer_dirs(save_dir, n_trainers)[0], step)["texts_read"])
     return None if texts < 0 else texts
 
 

@@ -197,6 +197,25 @@ def test_refused_flags_leave_a_finished_run_byte_identical(model_dir, data_file,
     assert _snapshot(finished_run) == before
 
 
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo ran > /dev/null",))
+
+
+def test_a_refused_trainer_state_leaves_the_run_byte_identical(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    torch.save({"optimizer": _Payload()}, run / "checkpoints" / "trainer_state_4.pt")
+    before = _snapshot(run)
+    assert main(["train", "--resume", "--save-dir", str(run), "--steps", "6",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "trainer_state_4.pt: refused to unpickle" in err
+    assert _snapshot(run) == before
+
+
 def test_save_dir_that_is_a_file_is_one_line(model_dir, data_file, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert train(model_dir, data_file, tmp_path / "file", "--steps", "2") == 2
