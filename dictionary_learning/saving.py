@@ -98,7 +98,8 @@ def read_trainer_state(folder: str | Path, step: int) -> dict:
     try:
         return read_pickle(path)
     except ValueError as e:
-        raise ValueError(f"{e}; delete it to resume from an earlier checkpoint") from e
+        raise ValueError(f"{e}; the run cannot resume from step {step} (only the latest "
+                         "checkpoint keeps the activation stream's state)") from e
 
 
 STREAM_STATE = re.compile(r"^stream_state_(\d+)\.pt$")
