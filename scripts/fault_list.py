@@ -507,10 +507,14 @@ class Faults:
                 return [row, resumed]
             record(resumed, cli("train", "--resume", "--save-dir", folder, "--no-progress",
                                 timeout=300))
-            if before is not None:  # only the checkpoints of the run may change, none vanish
+            if before is not None:
+                # No complete checkpoint may change or vanish. The weights file of the
+                # checkpoint the full disk cut short (no trainer_state beside it) is
+                # rewritten by the resumed run when it reaches that step again.
                 after = snapshot(folder) or {}
                 resumed.destroyed = sorted(
                     k for k in before if k.startswith("checkpoints/ae_")
+                    and k.replace("/ae_", "/trainer_state_") in before
                     and after.get(k) != before[k])
             if resumed.exit == 0:
                 same, total = states_equal(load_states(folder), load_states(self.finished))
