@@ -120,9 +120,10 @@ class ActivationBuffer:
 
         pinned = self.device.type == "cpu" and torch.cuda.is_available()
         capacity = self.n_ctxs * self.ctx_len
-        check_memory(capacity * sum(self.widths) * dtype.itemsize, self.device,
+        check_memory(capacity * sum(self.widths) * dtype.itemsize,
                      f"the activation buffer ({self.n_ctxs} contexts x {self.ctx_len} tokens x "
-                     f"width {sum(self.widths)} x {dtype.itemsize} bytes)", "lower n_ctxs")
+                     f"width {sum(self.widths)} x {dtype.itemsize} bytes)", "lower n_ctxs",
+                     self.device)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -357,17 +358,24 @@ class ActivationBuffer:
         }
 
 
-def check_memory(n_bytes: int, device: torch.device, what: str, fix: str) -> None:
-    """Refuse, before allocating, a tensor that the device's memory cannot hold."""
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[1]
-    elif device.type == "cpu":
-        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    else:
+def check_memory(n_bytes: int, what: str, fix: str, device: str | torch.device = "cpu"
+                 ) -> None:
+    """Refuse, before allocating, what the device's memory cannot hold (CPU: physical
+    memory; CUDA: the device's total); ``what`` and ``fix`` make the message."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[1]
+        elif device.type == "cpu":
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        else:
+            return
+    except (ValueError, OSError, AttributeError):  # the system does not say
         return
     if n_bytes > available:
-        raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but this machine's "
-                         f"{device.type} memory is {available / 2**30:.1f} GiB: {fix}")
+        raise ValueError(f"{what} would need about {n_bytes / 2**30:,.1f} GiB of "
+                         f"{device.type} memory, more than this machine's "
+                         f"{available / 2**30:,.1f} GiB: {fix}")
 
 
 def model_name(model) -> str | None:

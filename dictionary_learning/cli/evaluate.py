@@ -72,24 +72,12 @@ def check_seed(seed: int) -> None:
         raise CLIError(f"--seed {seed} is out of range: pass an integer from 0 to 2**64 - 1")
 
 
-def physical_memory() -> int | None:
-    """Bytes of physical memory, or ``None`` where the system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:,.1f} GiB"
-
-
 def check_memory(n_bytes: int, what: str, fix: str) -> None:
-    """Refuse a setting whose estimated memory (``n_bytes``) exceeds the machine's."""
-    total = physical_memory()
-    if total is not None and n_bytes > total:
-        raise CLIError(f"{what} would need about {_gib(n_bytes)} of memory, more than this "
-                       f"machine's {_gib(total)}: {fix}")
+    """:func:`dictionary_learning.buffer.check_memory` on the CPU, imported only when a
+    command checks (the command line starts without torch)."""
+    from ..buffer import check_memory as check
+
+    check(n_bytes, what, fix)
 
 
 def check_output_file(path: str | None, flag: str) -> None:
