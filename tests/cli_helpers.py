@@ -64,3 +64,13 @@ def nested_config(model_dir: Path, submodule: str, dict_size: int, ctx_len: int 
 
 FLAT_CONFIG = {"dictionary_size": 128, "activation_dim": D_MODEL, "lr": 1e-3,
                "l1_penalty": 1e-3}
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file and folder under ``folder``: bytes and permission bits (to show that a
+    refused command left it as it was)."""
+    import stat
+
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
+                                         stat.S_IMODE(p.stat().st_mode))
+            for p in [folder, *sorted(folder.rglob("*"))]}

@@ -14,6 +14,8 @@ from dictionary_learning.cli import main
 from dictionary_learning.saving import save_json, save_state_dict
 from dictionary_learning.tiny import stdlib_texts, tiny_causal_lm, train_tokenizer
 
+from cli_helpers import snapshot
+
 ROOT = Path(__file__).resolve().parents[1]
 SUBMODULE = "gpt_neox.layers.1.mlp"
 HTML = "<script>alert('x')</script>"
@@ -127,15 +129,6 @@ def test_script_shim_exits_non_zero_on_a_bad_folder(tmp_path):
 
 
 # -- a refusal leaves the output folder as it was ------------------------------------------
-def snapshot(folder):
-    """Every file and folder under ``folder``: bytes and permission bits."""
-    import stat
-
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
-                                         stat.S_IMODE(p.stat().st_mode))
-            for p in [folder, *sorted(folder.rglob("*"))]}
-
-
 def old_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

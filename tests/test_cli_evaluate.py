@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cli_helpers import (D_MODEL, FLAT_CONFIG, nested_config, save_dictionary,
-                         shared_model_folder, write_jsonl)
+                         shared_model_folder, snapshot, write_jsonl)
 from dictionary_learning import (ActivationBuffer, AutoEncoder, loss_recovered,
                                  reconstruction_metrics)
 from dictionary_learning.assess import published_submodule, read_target
@@ -254,15 +254,6 @@ def test_load_options_reach_the_format_reader(env, capsys, tmp_path):
 
 
 # -- refusals before any work leave the output folder as it was ----------------------------
-def snapshot(folder: Path) -> dict:
-    """Every file and folder under ``folder``: bytes and permission bits."""
-    import stat
-
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
-                                         stat.S_IMODE(p.stat().st_mode))
-            for p in [folder, *sorted(folder.rglob("*"))]}
-
-
 def results_folder(tmp_path: Path) -> Path:
     out = tmp_path / "results"
     out.mkdir()

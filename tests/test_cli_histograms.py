@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cli_helpers import (D_MODEL, nested_config, save_dictionary, shared_model_folder,
-                         write_jsonl)
+                         snapshot, write_jsonl)
 from dictionary_learning import AutoEncoder
 from dictionary_learning.cli import main
 from dictionary_learning.frequency_plots import frequency_grid
@@ -74,15 +74,6 @@ def test_missing_folder_is_one_line(tmp_path, capsys):
 
 
 # -- a refusal leaves the output folder as it was ------------------------------------------
-def snapshot(folder):
-    """Every file and folder under ``folder``: bytes and permission bits."""
-    import stat
-
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
-                                         stat.S_IMODE(p.stat().st_mode))
-            for p in [folder, *sorted(folder.rglob("*"))]}
-
-
 def old_output(tmp_path):
     out = tmp_path / "histograms"
     out.mkdir()

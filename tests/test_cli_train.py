@@ -18,6 +18,8 @@ from dictionary_learning.cli import main
 from dictionary_learning.saving import checkpoint_steps
 from dictionary_learning.tiny import tiny_causal_lm, train_tokenizer
 
+from cli_helpers import snapshot
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--submodule", "1.mlp", "--expansion", "4", "--batch-size", "128", "--ctx-len", "32",
          "--n-ctxs", "40", "--refresh-batch-size", "16", "--warmup-steps", "5",
@@ -153,11 +155,6 @@ def test_interrupted_run_resumes_bit_identical(model_dir, data_file, tmp_path,
             assert torch.equal(resumed[key], tensor), f"trainer {i} {key} (stopped at {at})"
 
 
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def finished_run(model_dir, data_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished")
@@ -185,7 +182,7 @@ def finished_run(model_dir, data_file, tmp_path_factory):
 ])
 def test_refused_flags_leave_a_finished_run_byte_identical(model_dir, data_file, finished_run,
                                                            capsys, args, message):
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     capsys.readouterr()
     # With --overwrite, so that the checks after the model opens are reached too: the old
     # run is removed only once every check has passed.
@@ -194,7 +191,7 @@ def test_refused_flags_leave_a_finished_run_byte_identical(model_dir, data_file,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert "Traceback" not in "\n".join(err)
-    assert _snapshot(finished_run) == before
+    assert snapshot(finished_run) == before
 
 
 class _Payload:
@@ -208,12 +205,12 @@ def test_a_refused_trainer_state_leaves_the_run_byte_identical(finished_run, tmp
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     torch.save({"optimizer": _Payload()}, run / "checkpoints" / "trainer_state_4.pt")
-    before = _snapshot(run)
+    before = snapshot(run)
     assert main(["train", "--resume", "--save-dir", str(run), "--steps", "6",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "trainer_state_4.pt: refused to unpickle" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_save_dir_that_is_a_file_is_one_line(model_dir, data_file, tmp_path, capsys):
