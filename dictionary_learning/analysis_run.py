@@ -14,7 +14,6 @@ string key)::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ from .interpret import (RANKINGS, ContextCollector, FeatureStatistics, feature_a
                         round_significant)
 from .buffer import model_name
 from .logit_effects import ablation_effect, logit_lens
-from .files import json_safe, remove_stale_temps, write_text
+from .files import json_text, remove_stale_temps, write_text
 from .saving import versions
 from .submodules import resolve_submodule
 
@@ -164,18 +163,6 @@ def _logits_json(result: Analysis, text: _TokenText, top: int = 10) -> dict:
     return out
 
 
-def _strict_json(obj) -> str:
-    """Compact strict JSON: a non-finite number becomes ``null`` (the viewer's JSON.parse
-    rejects NaN). The walk that replaces them runs only when there is one."""
-    def dump(o) -> str:
-        return json.dumps(o, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-    try:
-        return dump(obj)
-    except ValueError:  # "Out of range float values are not JSON compliant"
-        return dump(json_safe(obj))
-
-
 def write_run_folder(result: Analysis, out: str | Path, tokenizer,
                      info: dict | None = None) -> list[Path]:
     """Write the five files of a run folder into ``out`` (created if needed) and return their
@@ -212,6 +199,6 @@ def write_run_folder(result: Analysis, out: str | Path, tokenizer,
         logger.info("removed %d temporary file(s) a killed run left in %s", removed, out)
     paths = []
     for name, obj in documents.items():
-        write_text(out / name, _strict_json(obj))
+        write_text(out / name, json_text(obj, indent=None, compact=True))
         paths.append(out / name)
     return paths

@@ -79,15 +79,27 @@ def json_safe(obj):
     return obj
 
 
+def json_text(obj, indent: int | None = 2, compact: bool = False) -> str:
+    """``obj`` as strict JSON: a non-finite number becomes ``null`` (JSON has no NaN, and a
+    browser's ``JSON.parse`` rejects it). The walk that replaces them runs only when there
+    is one, so large documents are dumped once. ``compact`` drops the spaces."""
+    kwargs = dict(indent=indent, allow_nan=False, default=str, ensure_ascii=False,
+                  separators=(",", ":") if compact else None)
+    try:
+        return json.dumps(obj, **kwargs)
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        return json.dumps(json_safe(obj), **kwargs)
+
+
 def json_line(obj) -> str:
     """One line of strict JSON (non-finite numbers as ``null``)."""
-    return json.dumps(json_safe(obj), allow_nan=False, default=str)
+    return json_text(obj, indent=None)
 
 
-def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2,
+               compact: bool = False) -> None:
     """``obj`` as strict JSON (non-finite numbers as ``null``), atomically."""
-    write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)
-               + "\n")
+    write_text(path, json_text(obj, indent, compact) + "\n")
 
 
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> int:

@@ -4,12 +4,11 @@ here). No training or evaluation logic lives here."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from .. import files
-from ..files import WriteError, json_safe
+from ..files import WriteError
 from ..sources import SourceError, load_model, open_texts  # noqa: F401 - shared by commands
 
 
@@ -71,6 +70,6 @@ def write_json(obj, path: str | Path | None) -> None:
     atomically (:func:`~dictionary_learning.files.write_json`), or to stdout for
     ``-``/``None``."""
     if path in (None, "-"):
-        print(json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str))
+        print(files.json_text(obj))
     else:
         files.write_json(path, obj)

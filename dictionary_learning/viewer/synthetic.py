@@ -9,12 +9,11 @@ is the largest value in its contexts and histogram, density 0 means no contexts.
 
 from __future__ import annotations
 
-import json
 import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import write_text
+from ..files import json_text, write_text
 
 WORDS = ["the", " cat", " sat", " on", " mat", ".", "\n", " ", "\t", " def", "(", ")", ":",
          " return", " x", " +", " 1", " is", " a", " function", " of", " and", " for", " in"]
@@ -94,5 +93,5 @@ def write_synthetic_run(out: str | Path, n_features: int = 64, n_top: int = 4,
              "contexts.json": {"vocab": vocab, "top": top, "random": rand},
              "logits.json": logits}
     for name, obj in files.items():
-        write_text(out / name, json.dumps(obj, separators=(",", ":")))
+        write_text(out / name, json_text(obj, indent=None, compact=True))
     return out
