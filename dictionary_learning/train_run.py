@@ -193,9 +193,14 @@ def _positive(run: TrainRun, *names: str) -> None:
 
 
 def _check_k(k: int, size: int) -> None:
-    if not 1 <= k <= size:
+    """The dictionaries' own rule (``check_k``), said in terms of the flags."""
+    from .architectures.topk import check_k
+
+    try:
+        check_k(k, size)
+    except ValueError:
         raise ValueError(f"--k {k} is outside 1..{size}, the dictionary size: a TopK-family "
-                         "dictionary keeps k of its features per token")
+                         "dictionary keeps k of its features per token") from None
 
 
 def dictionary_class(arch: str) -> str:
