@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 # (Pythia-70m), about 40 s to fill for an early layer on 2 CPU cores.
 DEFAULT_N_CTXS = 2000
 KINDS = {"out": ("output",), "in": ("input",), "in_to_out": ("input", "output")}
+
+
+class Collected(NamedTuple):
+    """The rows one forward pass produced, in text order (unshuffled)."""
+
+    rows: list[torch.Tensor]   # one [n, d] per hook (see ActivationBuffer.hooks)
+    token_ids: torch.Tensor    # [n] the token at each row
+    positions: torch.Tensor    # [n] its position among its context's real tokens (0 = first)
 
 
 def _linear_width(module: torch.nn.Module, kind: str) -> int | None:
@@ -202,10 +211,12 @@ class ActivationBuffer:
         return [hidden_states(v, f"{name} {kind}")
                 for v, (_, name, kind) in zip(saved, self._hooks)]
 
-    def _collect(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Rows ``[n, d]`` of real-token activations, one tensor per hook."""
+    def _collect(self, inputs: dict[str, torch.Tensor]) -> Collected:
+        """Rows ``[n, d]`` of real-token activations, one tensor per hook, with their
+        tokens."""
         acts = self._trace(inputs)
-        keep = real_token_mask(inputs["attention_mask"], self.remove_bos)
+        mask = inputs["attention_mask"]
+        keep = real_token_mask(mask, self.remove_bos)
         rows = []
         for a, w, (_, name, kind) in zip(acts, self.widths, self._hooks):
             if a.shape[-1] != w:
@@ -213,7 +224,43 @@ class ActivationBuffer:
                                  f"told {w}: fix d_submodule (or omit it)")
             rows.append(a[keep.to(a.device)])
         self.tokens_seen += int(keep.sum())
-        return rows
+        return Collected(rows, inputs["input_ids"][keep], (mask.cumsum(-1) - 1)[keep])
+
+    @property
+    def hooks(self) -> list[tuple[str, str]]:
+        """``(submodule name, "input"|"output")`` of each collected tensor, in forward order
+        (the order of :attr:`Collected.rows` and of a batch's ``(x_in, x_out)``)."""
+        return [(name, kind) for _, name, kind in self._hooks]
+
+    def collected(self) -> Iterator[Collected]:
+        """The rows of each forward pass in text order, unshuffled and unstored: the
+        buffer's collection without its store (what a cache on disk is written from)."""
+        while (inputs := self._next_inputs()) is not None:
+            yield self._collect(inputs)
+
+    def text_position(self) -> dict:
+        """Where the collection stands in the text: texts read and the packer's carried
+        tokens. :meth:`seek` on a new buffer over the same text continues from here."""
+        return {"texts_seen": self.texts_seen,
+                "packer_carry": None if self._packer is None else list(self._packer.carry)}
+
+    def seek(self, position: dict) -> None:
+        """Skip to a :meth:`text_position` of a buffer over the same text, from its start."""
+        if self.tokens_seen or self.texts_seen:
+            raise ValueError("seek needs a buffer that has read nothing yet: build a new one "
+                             "on the same text from its start")
+        if (position["packer_carry"] is None) != (self._packer is None):
+            raise ValueError("the saved position is from a "
+                             f"{'packed' if self._packer is None else 'unpacked'} collection, "
+                             f"this buffer is {'packed' if self.pack else 'unpacked'}: resume "
+                             "with the arguments of the run that saved it")
+        wanted = int(position["texts_seen"])
+        skipped = len(self._next_texts(wanted))
+        if skipped < wanted:
+            raise ValueError(f"the text ran out after {skipped} texts, but the saved position "
+                             f"had read {wanted}: resume on the text of the run that saved it")
+        if self._packer is not None:
+            self._packer.carry = list(position["packer_carry"])
 
     def _write(self, rows: list[torch.Tensor]) -> None:
         capacity = self._store[0].shape[0]
@@ -243,7 +290,7 @@ class ActivationBuffer:
                 if inputs is None:
                     self._text_exhausted = True
                     break
-                self._write(self._collect(inputs))
+                self._write(self._collect(inputs).rows)
             bar.update(self._n_stored - before)
         bar.close()
         self._order = torch.randperm(self._n_stored, device=self.device,
@@ -283,20 +330,14 @@ class ActivationBuffer:
             raise ValueError(f"the saved buffer state holds {n} rows, more than this "
                              f"buffer's {self._store[0].shape[0]}: resume with the same n_ctxs "
                              "and ctx_len")
-        wanted = int(state["texts_seen"])
-        self.texts_seen = 0
-        skipped = len(self._next_texts(wanted))
-        if skipped < wanted:
-            raise ValueError(f"the text ran out after {skipped} texts, but the saved buffer "
-                             f"had read {wanted}: resume on the text of the run that saved it")
+        self.seek({"texts_seen": state["texts_seen"], "packer_carry": (
+            None if state["packer_carry"] is None else state["packer_carry"].tolist())})
         for store, rows in zip(self._store, state["unread"]):
             store[:n].copy_(rows)
         self._n_stored = n
         self._order = torch.arange(n, device=self.device)
         self._pos = 0
         self._pending = [[r.to(self.device) for r in rows] for rows in state["pending"]]
-        if self._packer is not None:
-            self._packer.carry = state["packer_carry"].tolist()
         self._generator.set_state(state["generator"])
         self._text_exhausted = bool(state["text_exhausted"])
         self.tokens_seen = int(state["tokens_seen"])
