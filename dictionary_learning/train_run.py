@@ -69,6 +69,9 @@ class TrainRun:
                      "HF dataset name (streamed), a local .jsonl/.jsonl.zst/.txt file or "
                      "folder, or 'stdlib' (the standard library's docstrings, offline)")
     text_field: str = _opt("text", "field of a JSON row or dataset column holding the text")
+    cache: str | None = _opt(None, "train from this activation cache (written by the cache "
+                             "command) instead of running the model on --data; the model, "
+                             "text and collection options are the cache's")
     arch: tuple[str, ...] = _opt(("relu",), "architectures: " + ", ".join(ARCHITECTURES)
                                  + " (or class names)")
     dict_size: tuple[int, ...] = _opt((), "dictionary sizes (overrides --expansion)")
@@ -85,11 +88,12 @@ class TrainRun:
         (0.125, 0.125, 0.25, 0.5), "matryoshka: nested group sizes as fractions of the size")
     steps: int | None = _opt(None, "training steps (default: from --tokens, else until the "
                              "text runs out)")
-    epochs: int = _opt(1, "passes over the training text (for small local corpora)")
+    epochs: int = _opt(1, "passes over the training text (or the cache)")
     tokens: int | None = _opt(None, "training activations (steps = tokens / batch size)")
     batch_size: int = _opt(4096, "activations per training batch")
     ctx_len: int = _opt(128, "tokens per context")
-    n_ctxs: int = _opt(2000, "contexts held by the activation buffer")
+    n_ctxs: int = _opt(2000, "contexts held by the activation buffer (from a cache: the "
+                       "shuffle window holds n_ctxs x ctx_len rows)")
     refresh_batch_size: int = _opt(32, "texts per forward pass when refilling the buffer")
     pack: bool = _opt(False, "pack documents into full ctx_len windows instead of "
                       "truncating and padding each one")
@@ -318,18 +322,32 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
             raise ValueError(f"{save_dir} already holds a run ({', '.join(held[:3])}"
                              f"{', ...' if len(held) > 3 else ''}): continue it with --resume, "
                              "replace it with --overwrite, or choose another --save-dir")
+    manifest = None
+    if run.cache is not None:
+        from .cache.run import fit_run_to_cache
+
+        run, manifest = fit_run_to_cache(run)
     model = open_model(run.model, run.device, run.dtype, progress=progress)
     torch.manual_seed(run.seed)  # after the model: building the demo LM draws numbers too
-    submodule = submodule_path(model, run.submodule)
-    resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
     texts = open_texts(run.data, text_field=run.text_field)
     held_out = list(islice(texts, run.eval_texts))
-    texts = _epochs(texts, run)
-    # On resume the buffer restores its saved state and skips the texts it had read.
-    buffer = ActivationBuffer(texts, model, submodule, io=run.io, n_ctxs=run.n_ctxs,
-                              ctx_len=run.ctx_len, refresh_batch_size=run.refresh_batch_size,
-                              out_batch_size=run.batch_size, dtype=torch_dtype(run.dtype),
-                              pack=run.pack, progress=progress, seed=run.seed)
+    if manifest is not None:
+        from .cache import CachedActivations
+        from .cache.run import cache_submodule
+
+        submodule = cache_submodule(run, manifest, model)
+        buffer = CachedActivations(run.cache, run.batch_size, submodule=submodule,
+                                   window=run.n_ctxs * run.ctx_len, epochs=run.epochs,
+                                   seed=run.seed)
+    else:
+        submodule = submodule_path(model, run.submodule)
+        resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
+        # On resume the buffer restores its saved state and skips the texts it had read.
+        buffer = ActivationBuffer(_epochs(texts, run), model, submodule, io=run.io,
+                                  n_ctxs=run.n_ctxs, ctx_len=run.ctx_len,
+                                  refresh_batch_size=run.refresh_batch_size,
+                                  out_batch_size=run.batch_size, dtype=torch_dtype(run.dtype),
+                                  pack=run.pack, progress=progress, seed=run.seed)
     widths = buffer.d_submodule
     d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
     configs = trainer_configs(run, d_in, d_out)

@@ -148,6 +148,9 @@ class Trainer:
         self.warm_start = 0        # step at which the current warm-up began
         self.n_resampled = 0
         self.activation_scale = 1.0  # activations are multiplied by this before training
+        # The data's mean norm when the source knows it (a cache's statistics); otherwise
+        # normalisation measures the first batch.
+        self.data_mean_norm: float | None = None
         self.started = False       # start() ran (on the first finite batch)
         self.n_skipped = 0         # steps not applied because something was not finite
         self.consecutive_skips = 0
@@ -164,14 +167,15 @@ class Trainer:
     @torch.no_grad()
     def start(self, x: torch.Tensor, target: torch.Tensor) -> bool:
         """Before the first step: with ``normalize_activations``, the factor that gives the
-        first batch (a random sample of a shuffled buffer) an average norm of sqrt(d); then
+        activations an average norm of sqrt(d) (measured on the first batch, a random
+        sample of a shuffled buffer, unless ``data_mean_norm`` says it for all); then
         the dictionary's data-dependent initialisation. Returns False, changing nothing,
         for a batch that is not finite (or whose squares overflow): the next one is used."""
         # Squares that overflow (|x| > ~1e19 in float32) would poison the initialisation.
         if not bool(torch.isfinite(x.float().pow(2).sum() + target.float().pow(2).sum())):
             return False
         if self.config.normalize_activations:
-            mean_norm = float(x.norm(dim=-1).mean())
+            mean_norm = self.data_mean_norm or float(x.norm(dim=-1).mean())
             if not math.isfinite(mean_norm):
                 return False
             if mean_norm <= 0:

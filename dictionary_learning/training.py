@@ -182,6 +182,10 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     default it is read from ``activations.config``. Returns the trained dictionaries (taking
     raw activations), in the order of ``configs``.
 
+    A source with ``mean_norm(submodule)`` (a :class:`~dictionary_learning.cache.
+    CachedActivations`) gives normalisation the whole data's mean norm instead of the first
+    batch's.
+
     ``resume=True`` continues from the latest checkpoint in ``save_dir`` (dictionary,
     optimizer, schedules, counters, random generators, step). A source with
     ``state_dict``/``load_state_dict`` (an ``ActivationBuffer``) is saved with every
@@ -219,6 +223,9 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
     trainers = [Trainer(cfg, device, total_steps=steps) for cfg in configs]
+    if callable(getattr(activations, "mean_norm", None)):  # a cache knows its statistics
+        for t in trainers:
+            t.data_mean_norm = activations.mean_norm(t.config.submodule)
     step, n_tokens = 0, 0
     if resume:
         step = resume_step(save_dir, len(configs), stream_state=stream.resumable)
