@@ -32,6 +32,8 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn as nn
 
+from .distributed import LOCAL, Batch
+
 # ---------------------------------------------------------------------------------------
 # Loss terms, defined once. All are means over tokens of a per-token quantity.
 
@@ -66,6 +68,9 @@ class LossContext:
     """Sparsity term for architectures that offer a choice (``AutoEncoder``: l1 | entropy)."""
     dead: torch.Tensor | None = None
     """Bool ``[m]``: features that have not fired for a long time (used by AuxK losses)."""
+    batch: Batch = LOCAL
+    """Reductions over the global batch when it is split over ranks (the identity in one
+    process): a loss term that depends on the whole batch computes it through these."""
 
 
 class LossOutput(NamedTuple):
@@ -76,6 +81,9 @@ class LossOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
     features: torch.Tensor
     sparsity: str | None
+    batch: Batch = LOCAL
+    """The batch's reductions (:attr:`LossContext.batch`), for constraints kept after the
+    step from whole-batch statistics (a BatchTopK threshold)."""
 
 
 def check_width(x: torch.Tensor, width: int, what: str) -> None:

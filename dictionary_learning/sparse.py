@@ -28,6 +28,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .distributed import LOCAL, Batch
+
 
 class SparseCode:
     """The active entries of a ``[B, m]`` activation matrix: ``rows[n], cols[n]`` for
@@ -112,6 +114,24 @@ def batch_topk_code(pre: torch.Tensor, n: int) -> SparseCode:
     return SparseCode(flat // m, flat % m, (B, m))
 
 
+def global_batch_topk_code(pre: torch.Tensor, k: int, batch: Batch = LOCAL) -> SparseCode:
+    """BatchTopK's selection when the batch is split over ranks: the ``k * B`` largest
+    pre-activations of the global batch of ``B`` rows, each rank keeping its own. Each rank
+    proposes its local top ``k * B`` (no more can be selected from it), the ranks share
+    those values, and an entry is selected when it reaches the global ``k * B``-th largest.
+    In one process this is :func:`batch_topk_code`."""
+    if batch.world_size == 1:
+        return batch_topk_code(pre, k * pre.shape[0])
+    n = k * int(batch.sum(torch.tensor(pre.shape[0], device=pre.device)))
+    local = batch_topk_code(pre, n)
+    vals = pre[local.rows, local.cols]
+    proposals = pre.new_full((n,), float("-inf"))
+    proposals[:len(vals)] = vals
+    cut = batch.gather(proposals).topk(n, sorted=False).values.min()
+    keep = vals >= cut
+    return SparseCode(local.rows[keep], local.cols[keep], pre.shape)
+
+
 @torch.no_grad()
 def dead_topk_code(pre: torch.Tensor, dead: torch.Tensor, k: int) -> SparseCode | None:
     """Each token's ``min(k, #dead)`` largest pre-activations among the ``dead`` latents
@@ -194,7 +214,7 @@ def encode_sparse(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
 
 def auxk_loss(residual: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor,
               b_enc: torch.Tensor, W_dec: torch.Tensor, pre: torch.Tensor,
-              dead: torch.Tensor | None, k_aux: int) -> torch.Tensor:
+              dead: torch.Tensor | None, k_aux: int, batch: Batch = LOCAL) -> torch.Tensor:
     """Reconstruct the (detached) residual ``e = target - x_hat [B, d]`` from each token's
     top ``k_aux`` dead latents, as OpenAI's and upstream's code do:
 
@@ -210,6 +230,13 @@ def auxk_loss(residual: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor,
     residual = residual.detach()
     vals = torch.relu(gather_preacts(x_c, W_enc, b_enc, pre, code))
     l2 = (residual - sparse_decode(code, vals, W_dec)).pow(2).sum(dim=-1).mean()
-    denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    if batch.world_size == 1:
+        denom = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    else:  # the global batch's residual variance (a constant: the residual is detached)
+        r = residual.double()
+        sums = batch.sum(torch.cat([r.sum(0), r.pow(2).sum().view(1),
+                                    r.new_tensor([r.shape[0]])]))
+        n = sums[-1]
+        denom = (sums[-2] / n - (sums[:-2] / n).pow(2).sum()).to(l2.dtype)
     return torch.where(denom > 0, l2 / denom.clamp_min(torch.finfo(l2.dtype).tiny),
                        torch.zeros_like(l2))

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from .base import PENALTIES, Dictionary, LossContext, LossOutput, feature_rows
+from .distributed import LOCAL, Batch, current_batch, reduce_gradients
 from . import architectures  # noqa: F401 - registers every dictionary class
 from .registry import get_dictionary_class
 
@@ -101,18 +102,29 @@ class TrainerConfig:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
+def nonfinite_checks(x: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
+                     parameters) -> torch.Tensor:
+    """Sums that are finite only when the batch, the loss and every gradient are: NaN and
+    inf survive a sum (and a sum of huge values overflows to inf)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.stack([x.sum().float(), target.sum().float(), loss.detach().float(),
+                        *(g.sum().float() for g in grads)])
+
+
+def nonfinite_what(checks: torch.Tensor) -> str | None:
+    """``None`` when every check is finite, else which part is not (``"input"``,
+    ``"loss"``, ``"gradients"``): one reduction and one host sync decide it."""
+    if bool(torch.isfinite(checks.sum())):
+        return None
+    finite = torch.isfinite(checks).tolist()
+    return "input" if not all(finite[:2]) else "loss" if not finite[2] else "gradients"
+
+
 def nonfinite_part(x: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
                    parameters) -> str | None:
     """``None`` when the batch, the loss and every gradient are finite, else which one is
-    not (``"input"``, ``"loss"``, ``"gradients"``). NaN and inf survive a sum (and a sum of
-    huge values overflows to inf), so one reduction and one host sync decide it."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    check = torch.stack([x.sum().float(), target.sum().float(), loss.detach().float(),
-                         *(g.sum().float() for g in grads)])
-    if bool(torch.isfinite(check.sum())):
-        return None
-    finite = torch.isfinite(check).tolist()
-    return "input" if not all(finite[:2]) else "loss" if not finite[2] else "gradients"
+    not (``"input"``, ``"loss"``, ``"gradients"``)."""
+    return nonfinite_what(nonfinite_checks(x, target, loss, parameters))
 
 
 class NonFiniteError(ValueError):
@@ -129,14 +141,18 @@ class StepResult(NamedTuple):
     target: torch.Tensor
     lr: float
     skipped: str | None = None
+    batch: Batch = LOCAL
 
 
 class Trainer:
     """The optimisation state of one dictionary: optimizer, schedules, dead-feature counts."""
 
     def __init__(self, config: TrainerConfig, device: str | torch.device = "cpu",
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, batch: Batch | None = None):
         self.config, self.device = config, torch.device(device)
+        # Reductions over the global batch: the identity in one process; under
+        # torch.distributed, the ranks' (see dictionary_learning.distributed).
+        self.batch = current_batch() if batch is None else batch
         self.total_steps = total_steps
         if config.decay_start is not None and total_steps is None:
             raise ValueError("decay_start needs a known number of steps: pass steps")
@@ -172,16 +188,22 @@ class Trainer:
         the dictionary's data-dependent initialisation. Returns False, changing nothing,
         for a batch that is not finite (or whose squares overflow): the next one is used."""
         # Squares that overflow (|x| > ~1e19 in float32) would poison the initialisation.
-        if not bool(torch.isfinite(x.float().pow(2).sum() + target.float().pow(2).sum())):
+        batch = self.batch
+        if not batch.all_true(bool(torch.isfinite(x.float().pow(2).sum()
+                                                  + target.float().pow(2).sum()))):
             return False
         if self.config.normalize_activations:
-            mean_norm = self.data_mean_norm or float(x.norm(dim=-1).mean())
+            mean_norm = self.data_mean_norm or float(
+                batch.mean(x.norm(dim=-1).mean(), x.shape[0]))
             if not math.isfinite(mean_norm):
                 return False
             if mean_norm <= 0:
                 raise ValueError("the first batch of activations is all zeros: cannot "
                                  "normalise")
             self.activation_scale = x.shape[-1] ** 0.5 / mean_norm
+        same = target is x
+        x = batch.gather(x)
+        target = x if same else batch.gather(target)
         self.dictionary.init_from_data(x * self.activation_scale, target * self.activation_scale)
         self.started = True
         return True
@@ -216,7 +238,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ctx = LossContext(penalty=cfg.penalty,
-                          dead=self.tokens_since_active >= cfg.dead_feature_tokens)
+                          dead=self.tokens_since_active >= cfg.dead_feature_tokens,
+                          batch=self.batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             out = ae.loss_terms(x, target, ctx)
@@ -224,7 +247,10 @@ class Trainer:
                    for name, value in out.terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        what = nonfinite_part(x, target, loss, ae.parameters())
+        params = list(ae.parameters())
+        checks = nonfinite_checks(x, target, loss, params)
+        n_rows, checks = reduce_gradients(params, x.shape[0], checks, self.batch)
+        what = nonfinite_what(checks)
         if what is not None:
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip(what, x, target, lr, loss.detach(), out)
@@ -238,14 +264,14 @@ class Trainer:
         with torch.no_grad():
             # Features of every trainable architecture are non-negative: a feature fired
             # on the batch iff its maximum is positive (cheaper than a mask).
-            fired = out.features.amax(dim=0) > 0
+            fired = self.batch.max((out.features.amax(dim=0) > 0).to(torch.uint8)).bool()
             self.steps_since_active += 1
             self.steps_since_active[fired] = 0
-            self.tokens_since_active += x.shape[0]
+            self.tokens_since_active += n_rows
             self.tokens_since_active[fired] = 0
             if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
                 self.resample_dead(step, x, target)
-        return StepResult(loss.detach(), out, target, lr)
+        return StepResult(loss.detach(), out, target, lr, batch=self.batch)
 
     def _skip(self, what: str, x, target, lr, loss=None, out=None) -> StepResult:
         self.n_skipped += 1
@@ -257,14 +283,30 @@ class Trainer:
     @torch.no_grad()
     def summary(result: StepResult) -> dict[str, float]:
         """Logged numbers of a step: every loss term, the total, L0, the fraction of
-        variance explained on the batch, and the learning rate."""
+        variance explained on the (global) batch, and the learning rate."""
         if result.skipped is not None:
             return {"skipped": result.skipped, "lr": result.lr}
         terms, f, target = result.out.terms, result.out.features, result.target
-        variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        batch, n = result.batch, f.shape[0]
+        if batch.world_size == 1:
+            variance = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            count = torch.count_nonzero(f != 0)
+        else:  # one reduction: the terms (means), the nonzero count, the target's sums
+            t = target.double()
+            local = torch.cat([torch.stack([v.detach().double() * n for v in terms.values()]),
+                               torch.stack([result.loss.double() * n,
+                                            torch.count_nonzero(f != 0).double(),
+                                            t.pow(2).sum(), t.new_tensor(n)]), t.sum(0)])
+            total = batch.sum(local)
+            k = len(terms)
+            n = float(total[k + 3])
+            terms = {name: total[i] / n for i, name in enumerate(terms)}
+            result = result._replace(loss=total[k] / n)
+            count = total[k + 1]
+            variance = total[k + 2] / n - (total[k + 4:] / n).pow(2).sum()
         logged = {name: float(v) for name, v in terms.items()}
         logged["loss"] = float(result.loss)
-        logged["l0"] = float(torch.count_nonzero(f != 0)) / f.shape[0]
+        logged["l0"] = float(count) / n
         logged["frac_variance_explained"] = float(1 - terms["mse"] / variance)
         logged["lr"] = result.lr
         return logged
@@ -337,6 +379,10 @@ class Trainer:
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
+        # The draw is over the global batch, the same on every rank (same generator).
+        same = target is x
+        x = self.batch.gather(x)
+        target = x if same else self.batch.gather(target)
         losses = (target - ae(x)).pow(2).sum(dim=-1)
         if float(losses.sum()) <= 0:
             return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..registry import register
-from ..sparse import batch_topk_code
+from ..distributed import LOCAL, Batch
+from ..sparse import global_batch_topk_code
 from .topk import AutoEncoderTopK
 
 
@@ -19,11 +20,12 @@ def threshold_encode(post: torch.Tensor, threshold: torch.Tensor, k: int) -> tor
 
 
 @torch.no_grad()
-def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: float) -> None:
+def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: float,
+                     batch: Batch = LOCAL) -> None:
     """Running average (in place) of the batch's smallest positive selected activation:
     the first estimate is taken as is, then ``threshold <- beta * threshold + (1 - beta) *
     min``; a batch with no positive activation contributes 0 (as upstream)."""
-    active = features.masked_fill(features <= 0, float("inf")).amin()
+    active = batch.min(features.masked_fill(features <= 0, float("inf")).amin())
     current = torch.where(torch.isinf(active), torch.zeros_like(active), active).float()
     if threshold < 0:
         threshold.copy_(current)
@@ -31,12 +33,13 @@ def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: floa
         threshold.mul_(beta).add_((1 - beta) * current)
 
 
-def count_step_and_update_threshold(sae, features: torch.Tensor) -> None:
+def count_step_and_update_threshold(sae, features: torch.Tensor, batch: Batch = LOCAL
+                                     ) -> None:
     """After a training step of a batch-top-k dictionary: count the step and, once more than
     ``sae.threshold_start_step`` steps have passed, fold the batch into the threshold."""
     sae._steps_seen += 1
     if sae._steps_seen > sae.threshold_start_step:
-        update_threshold(sae.threshold, features, sae.threshold_beta)
+        update_threshold(sae.threshold, features, sae.threshold_beta, batch)
 
 
 @register
@@ -75,15 +78,15 @@ class BatchTopKSAE(AutoEncoderTopK):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return threshold_encode(self.pre_activations(x), self.threshold, int(self.k))
 
-    def select(self, pre: torch.Tensor):
-        return batch_topk_code(pre, int(self.k) * pre.shape[0])
+    def select(self, pre: torch.Tensor, batch: Batch = LOCAL):
+        return global_batch_topk_code(pre, int(self.k), batch)
 
     @torch.no_grad()
     def apply_constraints(self, out=None) -> None:
         """Renormalise decoder rows; then update the threshold from ``out.features``."""
         super().apply_constraints(out)
         if out is not None:
-            count_step_and_update_threshold(self, out.features)
+            count_step_and_update_threshold(self, out.features, out.batch)
 
     def config(self) -> dict:
         return {**super().config(), "threshold_beta": self.threshold_beta,

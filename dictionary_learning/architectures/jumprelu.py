@@ -107,7 +107,8 @@ class JumpReluAutoEncoder(Dictionary):
         target = x if target is None else target
         pre = self.pre_activations(x)
         f = torch.relu(_JumpReLU.apply(pre, self.threshold, self.bandwidth))
-        l0 = _Step.apply(pre, self.threshold, self.bandwidth).sum(dim=-1).mean()
+        l0 = ctx.batch.mean(_Step.apply(pre, self.threshold, self.bandwidth).sum(dim=-1).mean(),
+                            pre.shape[0])  # the global batch's mean L0
         terms = {"mse": reconstruction_loss(self.decode(f), target),
                  "l0_deviation": (l0 / self.target_l0 - 1).pow(2)}
         return LossOutput(terms, f, sparsity="l0_deviation")

@@ -9,7 +9,7 @@ import torch.nn as nn
 from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width, reconstruction_loss
 from ..geometry import geometric_median
 from ..registry import register
-from ..sparse import auxk_loss, batch_topk_code, encode_sparse, sparse_decode
+from ..sparse import auxk_loss, encode_sparse, global_batch_topk_code, sparse_decode
 from .batch_topk import count_step_and_update_threshold, threshold_encode
 from .topk import check_k
 
@@ -90,7 +90,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         target = x if target is None else target
         x_c = x - self.b_dec
         pre, code, vals = encode_sparse(
-            x_c, self.W_enc, self.b_enc, lambda p: batch_topk_code(p, int(self.k) * p.shape[0]))
+            x_c, self.W_enc, self.b_enc, lambda p: global_batch_topk_code(p, int(self.k), ctx.batch))
         x_hat, prefix_losses, start = self.b_dec.expand_as(target), [], 0
         for end in self.group_ends:
             group, mask = code.restrict(start, end)
@@ -98,17 +98,17 @@ class MatryoshkaBatchTopKSAE(Dictionary):
             prefix_losses.append(reconstruction_loss(x_hat, target))
             start = end
         aux = auxk_loss(target - x_hat, x_c, self.W_enc, self.b_enc, self.W_dec, pre, ctx.dead,
-                        self.k_aux)
+                        self.k_aux, ctx.batch)
         terms = {"mse": prefix_losses[-1], "prefix_mse": sum(prefix_losses[:-1], x.new_zeros(())),
                  "auxk": self.auxk_alpha * aux}
-        return LossOutput(terms, code.to_dense(vals.detach()), sparsity=None)
+        return LossOutput(terms, code.to_dense(vals.detach()), sparsity=None, batch=ctx.batch)
 
     @torch.no_grad()
     def apply_constraints(self, out=None) -> None:
         """Renormalise decoder rows; then update the threshold from ``out.features``."""
         super().apply_constraints(out)
         if out is not None:
-            count_step_and_update_threshold(self, out.features)
+            count_step_and_update_threshold(self, out.features, out.batch)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:

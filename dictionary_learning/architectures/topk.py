@@ -8,6 +8,7 @@ import torch.nn as nn
 from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width, reconstruction_loss
 from ..geometry import geometric_median
 from ..registry import register
+from ..distributed import LOCAL, Batch
 from ..sparse import auxk_loss, encode_sparse, sparse_decode, topk_code
 
 TOPK_KEYS = {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}
@@ -68,8 +69,9 @@ class AutoEncoderTopK(Dictionary):
         check_width(f, self.dict_size, f"{type(self).__name__}.decode")
         return self.decoder(f) + self.b_dec
 
-    def select(self, pre: torch.Tensor):
-        """Training-time selection of active latents from ``pre [B, m]``."""
+    def select(self, pre: torch.Tensor, batch: Batch = LOCAL):
+        """Training-time selection of active latents from ``pre [B, m]`` (per token: the
+        rest of the batch, on this rank or others, does not matter)."""
         return topk_code(pre, int(self.k))
 
     def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None,
@@ -79,12 +81,13 @@ class AutoEncoderTopK(Dictionary):
             raise ValueError(f"loss_terms expects a batch [B, d], got shape {tuple(x.shape)}")
         target = x if target is None else target
         x_c = x - self.b_dec
-        pre, code, vals = encode_sparse(x_c, self.W_enc, self.b_enc, self.select)
+        pre, code, vals = encode_sparse(x_c, self.W_enc, self.b_enc,
+                                        lambda p: self.select(p, ctx.batch))
         x_hat = sparse_decode(code, vals, self.W_dec) + self.b_dec
         aux = auxk_loss(target - x_hat, x_c, self.W_enc, self.b_enc, self.W_dec, pre, ctx.dead,
-                        self.k_aux)
+                        self.k_aux, ctx.batch)
         terms = {"mse": reconstruction_loss(x_hat, target), "auxk": self.auxk_alpha * aux}
-        return LossOutput(terms, code.to_dense(vals.detach()), sparsity=None)
+        return LossOutput(terms, code.to_dense(vals.detach()), sparsity=None, batch=ctx.batch)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
