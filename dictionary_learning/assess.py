@@ -12,9 +12,11 @@ One mechanism for every command that measures saved dictionaries (``evaluate``,
   older flat keys), else from the published pythia-70m-deduped layout
   ``{embed, attn_out_layerN, mlp_out_layerN, resid_out_layerN}/{set}/ae.pt``; explicit
   overrides win.
-- :func:`collect` gathers held-out activations and loss texts for a target, :func:`score`
-  measures one loaded dictionary on them, and :func:`assess` runs both over many
-  dictionaries, loading each model once and collecting each target once.
+- :func:`collect` gathers held-out activations and loss texts for a target (or
+  :func:`from_cache` reads them from an activation cache, in order, with no model),
+  :func:`score` measures one loaded dictionary on them, and :func:`assess` runs both over
+  many dictionaries, loading each model once (with a cache and no loss metrics, none) and
+  collecting each target once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import NamedTuple
 from pathlib import Path
 
@@ -151,9 +154,10 @@ def read_target(path: str | os.PathLike, config: dict | None = None, **overrides
 
 class HeldOut(NamedTuple):
     """What every dictionary reading one target is measured on: activation batches (tensors,
-    or ``(x_in, x_out)`` pairs), the texts of the loss metrics, and where they came from."""
+    or ``(x_in, x_out)`` pairs; a list, or a cache's re-iterable rows), the texts of the
+    loss metrics, and where they came from."""
 
-    batches: list
+    batches: Iterable
     loss_texts: list[str]
     widths: tuple[int, int]   # (d_in, d_out) of the activations
     source: str               # "gpt_neox.layers.1.mlp (out)", for messages
@@ -189,6 +193,42 @@ def collect(model, target: Target, texts: Iterable[str], n_tokens: int = 8192,
         raise ValueError("the text ran out before the loss-recovered texts: pass more data, "
                          "fewer --n-tokens, or --no-loss")
     return held_out_from(buffer, batches, loss_texts)
+
+
+def fill_from_cache(target: Target, manifest: dict) -> Target:
+    """``target`` with the model and submodule it does not know taken from an activation
+    cache's manifest (the submodule only when the cache holds one)."""
+    changes = {}
+    if target.model is None and manifest.get("model"):
+        changes["model"] = manifest["model"]
+    if target.submodule is None and len(manifest["submodules"]) == 1:
+        changes["submodule"] = manifest["submodules"][0]
+    if not changes:
+        return target
+    return replace(target, **changes, source=f"{target.source}; {' and '.join(changes)} "
+                   "from the cache")
+
+
+def from_cache(cache, target: Target, keys: list[str], texts: Iterable[str] | None = None,
+               n_tokens: int | None = 8192, n_loss_texts: int = 64,
+               rows_per_batch: int = 4096) -> HeldOut:
+    """The first ``n_tokens`` rows (all when ``None``) of the cache's tensors ``keys``
+    (:func:`~.cache.contexts.fitting_keys`), in text order and read from disk on each
+    pass, and the first ``n_loss_texts`` of ``texts`` for the loss metrics (none when
+    ``texts`` is ``None``)."""
+    from .cache.contexts import CacheRows
+
+    rows = CacheRows(cache, keys, n_tokens, rows_per_batch)
+    if n_tokens is not None and len(rows) < n_tokens:
+        logger.warning("the cache %s holds %d rows, fewer than the %d asked for: measuring "
+                       "on all of them", rows.cache.folder, len(rows), n_tokens)
+    loss_texts = [] if texts is None else list(islice(texts, n_loss_texts))
+    if texts is not None and not loss_texts:
+        raise ValueError("no text for the loss-recovered metric: pass --data, or --no-loss "
+                         "to measure the cache's activations only")
+    widths = {h["key"]: h["width"] for h in rows.cache.hooks}
+    return HeldOut(rows, loss_texts, (widths[keys[0]], widths[keys[-1]]),
+                   f"{target.submodule} ({target.io}) in the cache {rows.cache.folder}")
 
 
 def check_widths(dictionary, held: HeldOut, where: str) -> None:
@@ -239,7 +279,8 @@ def score(dictionary, model, submodule: str, io: str, ctx_len: int, held: HeldOu
 def assess(paths: list[Path], open_model: Callable[[str], object],
            open_texts: Callable[[], Iterable[str]], overrides: dict | None = None,
            device: str = "cpu", dict_class: str | None = None, widths: dict | None = None,
-           batch_size: int = 32, **collect_kwargs) -> Iterator[tuple[Path, Target, dict, dict]]:
+           batch_size: int = 32, cache=None, loss: bool = True,
+           **collect_kwargs) -> Iterator[tuple[Path, Target, dict, dict]]:
     """Measure every dictionary in ``paths`` (from :func:`find_dictionaries`); yields
     ``(path, target, metrics, info)`` per dictionary, grouped by model (first-seen order),
     where ``info`` holds the class name and widths.
@@ -249,8 +290,22 @@ def assess(paths: list[Path], open_model: Callable[[str], object],
     reused. The held-out activations of each distinct target (submodule, io, ctx_len) are
     collected once, from a fresh ``open_texts()`` stream, and every dictionary reading that
     target is measured on them.
+
+    With ``cache`` (a cache folder or an open :class:`~.cache.Cache`), the activation
+    metrics read the first ``n_tokens`` rows of the cache in order (:func:`from_cache`),
+    and a dictionary whose submodule, io or width the cache does not hold is refused
+    (before its model is opened, unless only the model can resolve its short submodule
+    name). The cache names the model and submodule of a dictionary that does not. The
+    model is opened only for the loss metrics (on the first ``n_loss_texts`` of
+    ``open_texts()``); with ``loss=False``, never.
     """
+    if cache is not None:
+        from .cache.contexts import fitting_keys, is_short_name, open_cache, resolve_name
+
+        cache = open_cache(cache)
     targets = {p: read_target(p, **(overrides or {})) for p in paths}
+    if cache is not None:
+        targets = {p: fill_from_cache(t, cache.manifest) for p, t in targets.items()}
     for path, target in targets.items():
         missing = [k for k in ("model", "submodule") if getattr(target, k) is None]
         if missing:
@@ -263,17 +318,31 @@ def assess(paths: list[Path], open_model: Callable[[str], object],
     for path, target in targets.items():
         by_model.setdefault(target.model, []).append(path)
     for name, group in by_model.items():
-        model = open_model(name)
+        model = open_model(name) if cache is None else None  # with a cache: when needed
         held: dict[tuple, HeldOut] = {}
         for path in group:
             dictionary, _ = load_dictionary(path, device=device, **options)
-            # "1.mlp", "embed" -> the dotted path in this model
-            target = replace(targets[path], submodule=submodule_path(model,
-                                                                     targets[path].submodule))
+            spec = targets[path].submodule
+            if cache is None:  # "1.mlp", "embed" -> the dotted path in this model
+                submodule = submodule_path(model, spec)
+            else:
+                submodule = resolve_name(spec, cache.manifest)
+                if loss and is_short_name(submodule):  # only the model can tell
+                    model = open_model(name) if model is None else model
+                    submodule = resolve_name(spec, cache.manifest, model)
+            target = replace(targets[path], submodule=submodule)
             key = (target.submodule, target.io, target.ctx_len)
-            if key not in held:
+            if cache is not None:
+                keys = fitting_keys(cache, submodule, target.io, dictionary, str(path))
+                if loss and model is None:
+                    model = open_model(name)
+                if key not in held:
+                    held[key] = from_cache(cache, target, keys, open_texts() if loss else None,
+                                           collect_kwargs.get("n_tokens", 8192),
+                                           collect_kwargs.get("n_loss_texts", 64))
+            elif key not in held:
                 held[key] = collect(model, target, open_texts(), batch_size=batch_size,
-                                    device=device, **collect_kwargs)
+                                    loss=loss, device=device, **collect_kwargs)
             metrics = score(dictionary, model, target.submodule, target.io, target.ctx_len,
                             held[key], batch_size=batch_size, where=str(path))
             info = {"dict_class": type(dictionary).__name__,

@@ -1,4 +1,5 @@
-"""``evaluate``: metrics of saved dictionaries on held-out text, one table row each."""
+"""``evaluate``: metrics of saved dictionaries on held-out text (or an activation cache's
+rows), one table row each."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from itertools import chain, islice
 from pathlib import Path
 
-from ..sources import load_model, open_texts
+from ..sources import SourceError, load_model, open_texts
 from .common import CLIError, format_table, write_json
 
 DEFAULT_DATA = "monology/pile-uncopyrighted"
@@ -37,12 +38,19 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    "hookpoint=layers.3.mlp (a sparsify folder of several hookpoints) or "
                    "norm_scaling_factor=0.37 (SAELens expected_average_only_in); repeatable")
     d = p.add_argument_group("held-out text")
-    d.add_argument("--data", default=DEFAULT_DATA, help="'stdlib', a local .jsonl/.jsonl.zst/"
-                   ".txt file or folder, or a HF dataset name (default: %(default)s, streamed)")
+    d.add_argument("--data", default=None, help="'stdlib', a local .jsonl/.jsonl.zst/"
+                   f".txt file or folder, or a HF dataset name (default: {DEFAULT_DATA}, "
+                   "streamed; with --cache, the text the cache was collected from)")
     d.add_argument("--skip-texts", type=int, default=0, help="skip this many documents first, "
                    "e.g. those a training run read (default: 0)")
     d.add_argument("--n-tokens", type=int, default=8192,
-                   help="activations for the reconstruction metrics (default: %(default)s)")
+                   help="activations for the reconstruction metrics; with --cache, its first "
+                   "rows in order (default: %(default)s)")
+    d.add_argument("--cache", metavar="DIR", default=None,
+                   help="read the activations from this activation cache (written by the "
+                   "`cache` command) instead of running the model on --data: no model is "
+                   "opened for them. It must hold the dictionaries' submodule, io and width. "
+                   "Metrics that patch the model still run on --data")
     d.add_argument("--batch-size", type=int, default=32,
                    help="texts per forward pass (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -137,8 +145,8 @@ def check_measure_arguments(args: argparse.Namespace, loss: bool) -> None:
 
 def check_measure_memory(args: argparse.Namespace, paths: list[Path]) -> None:
     """The held-out activations (``--n-tokens`` rows of each dictionary's width, collected
-    once in memory beside the buffer they come from) must fit in memory. Reads only
-    config files: a width no config records counts as 1."""
+    once in memory beside the buffer they come from) must fit in memory; a cache's are
+    streamed. Reads only config files: a width no config records counts as 1."""
     from ..assess import read_target
 
     need = 0
@@ -146,8 +154,9 @@ def check_measure_memory(args: argparse.Namespace, paths: list[Path]) -> None:
         width = args.activation_dim or _config_width(path) or 1
         io = read_target(path, io=args.io).io
         need = max(need, 2 * args.n_tokens * width * 4 * (2 if io == "in_to_out" else 1))
-    check_memory(need, f"--n-tokens {args.n_tokens:,} (held-out activations)",
-                 "pass a smaller --n-tokens")
+    if args.cache is None:  # a cache's rows are read from disk batch by batch
+        check_memory(need, f"--n-tokens {args.n_tokens:,} (held-out activations)",
+                     "pass a smaller --n-tokens")
 
 
 def _texts(spec: str, skip: int):
@@ -161,7 +170,9 @@ def _texts(spec: str, skip: int):
 
 
 def assessed(args: argparse.Namespace, loss: bool):
-    """``(paths, iterator of (path, target, metrics, info))`` for the parsed arguments."""
+    """``(paths, iterator of (path, target, metrics, info))`` for the parsed arguments.
+    With ``--cache`` the activation metrics read the cache; ``args.data`` is set to the
+    text read (the cache's own by default), ``None`` when none is (a cache and no loss)."""
     import torch
 
     from ..assess import assess, find_dictionaries
@@ -169,12 +180,32 @@ def assessed(args: argparse.Namespace, loss: bool):
     check_measure_arguments(args, loss)  # flags first: each refusal before any work
     paths = find_dictionaries(args.dict_dirs)
     check_measure_memory(args, paths)
-    _texts(args.data, args.skip_texts)  # bad data fails before any model loads
+    cache = None
+    if args.cache is not None:
+        from ..cache.contexts import open_cache
+
+        cache = open_cache(Path(args.cache).expanduser())  # a bad cache fails here
+    if args.data is None:
+        args.data = (cache.manifest.get("data") or DEFAULT_DATA) if cache else DEFAULT_DATA
+    if cache is not None and not loss:
+        args.data = None  # no text is read
+    else:
+        _texts(args.data, args.skip_texts)  # bad data fails before any model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def open_model(name: str):
         print(f"Loading {name} ...", file=sys.stderr)
-        return load_model(name, device=device, dtype=args.dtype)
+        if name == "demo":  # the offline demo's model (what `--preset demo` trains on)
+            from ..train_run import open_model as open_demo
+
+            return open_demo(name, device=device, dtype=args.dtype or "float32")
+        try:
+            return load_model(name, device=device, dtype=args.dtype)
+        except SourceError as e:
+            if cache is None:
+                raise
+            raise SourceError(f"{e} (the loss metrics need the model; pass --no-loss to "
+                              "measure only the cache's activations)") from None
 
     overrides = {"model": args.model, "submodule": args.submodule, "io": args.io,
                  "ctx_len": args.ctx_len}
@@ -184,7 +215,7 @@ def assessed(args: argparse.Namespace, loss: bool):
                      overrides=overrides, device=device, dict_class=args.dict_class,
                      widths=widths, n_tokens=args.n_tokens,
                      n_loss_texts=getattr(args, "n_loss_texts", 0), batch_size=args.batch_size,
-                     loss=loss, seed=args.seed)
+                     loss=loss, seed=args.seed, cache=cache)
     return paths, results
 
 
@@ -240,11 +271,16 @@ def run(args: argparse.Namespace) -> int:
         records.append({"dictionary": name, "path": str(path), **info, "model": target.model,
                         "submodule": target.submodule, "io": target.io,
                         "ctx_len": target.ctx_len, "target_from": target.source,
-                        "data": args.data, "skip_texts": args.skip_texts, **metrics})
+                        "cache": args.cache, "data": args.data,
+                        "skip_texts": args.skip_texts if args.data else None, **metrics})
         if not to_stdout and len(paths) > 1:
             print(f"evaluated {name} ({len(rows)}/{len(paths)})", file=sys.stderr)
     if not to_stdout:
         print(format_table(rows))
+    if args.cache is not None:
+        print(f"Activation metrics from the first rows of the cache {args.cache}, in order"
+              + ("; loss recovered skipped (--no-loss): no model was opened" if args.no_loss
+                 else f"; loss recovered on {args.data}"), file=sys.stderr)
     if args.json is not None:
         write_json(records, args.json)
     return 0
@@ -256,7 +292,10 @@ def add_parser(sub) -> None:
                        description="Evaluate dictionary folders on held-out text: one table "
                        "row per dictionary. Activation metrics use --n-tokens real tokens "
                        "sampled from the documents of --data after the first --skip-texts; "
-                       "loss recovered uses the next --n-loss-texts documents.")
+                       "loss recovered uses the next --n-loss-texts documents. With --cache "
+                       "DIR the activation metrics read the cache's first --n-tokens rows "
+                       "instead, and loss recovered the first --n-loss-texts documents of "
+                       "--data after --skip-texts (--no-loss: activations only, no model).")
     add_measure_arguments(p)
     p.add_argument("--n-loss-texts", type=int, default=64, help="documents for the "
                    "loss-recovered metric (default: %(default)s)")
