@@ -1,4 +1,5 @@
-"""One analysis run: stream text through the model and dictionary, then write a run folder.
+"""One analysis run: stream text through the model and dictionary (or read an activation
+cache's rows), then write a run folder.
 
 Run folder (all JSON, compact, floats to 4 significant digits; feature id = list index or
 string key)::
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .interpret import (RANKINGS, ContextCollector, FeatureStatistics, feature_activations,
-                        round_significant)
+from .interpret import (RANKINGS, ContextCollector, FeatureStatistics,
+                        cached_feature_activations, feature_activations, round_significant)
 from .buffer import model_name
 from .logit_effects import ablation_effect, logit_lens
 from .files import json_text, remove_stale_temps, write_text
@@ -59,27 +60,49 @@ class Analysis:
     info: dict = field(default_factory=dict)
 
 
-def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int = 128,
+def analyze(model, submodule, dictionary, texts=None, io: str = "out", ctx_len: int = 128,
             batch_size: int = 32, n_tokens: int | None = 100_000, k_top: int = 10,
             k_random: int = 5, before: int = 24, after: int = 8, n_bins: int = 20,
             rankings: list[str] | None = None, n_ablation: int = 10,
             apply_final_norm: bool = True, remove_bos: bool = False, seed: int = 0,
-            progress: bool = True) -> Analysis:
+            progress: bool = True, cache=None) -> Analysis:
     """Top and random contexts, statistics and ranking scores of every feature over at most
     ``n_tokens`` real tokens of ``texts``; the logit lens of every feature; ablation effects
-    of the ``n_ablation`` features ranked highest by the first of ``rankings``."""
+    of the ``n_ablation`` features ranked highest by the first of ``rankings``.
+
+    With ``cache`` (a cache folder or an open :class:`~.cache.Cache`) instead of ``texts``,
+    the statistics and contexts come from the cache's rows of ``submodule``'s ``io``
+    (contexts rebuilt from its token ids and positions, ``batch_size`` a batch): the model
+    runs only for the ablations. The contexts are the cache's, so its ``ctx_len`` and
+    ``remove_bos`` replace the arguments. A cache of another submodule, io or width is one
+    :class:`~.cache.CacheError`."""
     rankings = list(dict.fromkeys(rankings or RANKINGS))
     unknown = [r for r in rankings if r not in RANKINGS]
     if unknown:
         raise ValueError(f"unknown ranking metric(s) {unknown}; known: {sorted(RANKINGS)}")
+    if (texts is None) == (cache is None):
+        raise TypeError("pass either texts or cache (where the activations come from)")
     m = dictionary.dict_size
     stats = FeatureStatistics(m, n_bins)
     top = ContextCollector(m, k_top, before, after, mode="top")
     rand = ContextCollector(m, k_random, before, after, mode="random",
                             generator=torch.Generator().manual_seed(seed))
+    dotted = resolve_submodule(model, submodule)[1]
+    source: dict = {}
+    if cache is None:
+        batches = feature_activations(model, submodule, dictionary, texts, io, ctx_len,
+                                      batch_size, n_tokens, remove_bos, progress)
+    else:
+        from .cache.contexts import fitting_keys, open_cache
+
+        cache = open_cache(cache)
+        key = fitting_keys(cache, dotted, io, dictionary)[0]  # in_to_out encodes the input
+        batches = cached_feature_activations(cache, key, dictionary, batch_size, n_tokens,
+                                             progress)
+        ctx_len, remove_bos = cache.manifest["ctx_len"], cache.manifest["remove_bos"]
+        source = {"cache": str(cache.folder), "remove_bos": remove_bos}
     n_contexts = 0
-    for inputs, f, mask in feature_activations(model, submodule, dictionary, texts, io, ctx_len,
-                                               batch_size, n_tokens, remove_bos, progress):
+    for inputs, f, mask in batches:
         stats.update(f[mask.to(f.device)])
         top.update(f, inputs["input_ids"], mask)
         rand.update(f, inputs["input_ids"], mask)
@@ -89,8 +112,8 @@ def analyze(model, submodule, dictionary, texts, io: str = "out", ctx_len: int =
     summary = stats.summary()
     scores = {name: RANKINGS[name](summary).double().cpu() for name in rankings}
     info = {"dict_class": type(dictionary).__name__, "activation_dim": dictionary.activation_dim,
-            "dict_size": m, "model": model_name(model),
-            "submodule": resolve_submodule(model, submodule)[1], "io": io, "ctx_len": ctx_len}
+            "dict_size": m, "model": model_name(model), "submodule": dotted, "io": io,
+            "ctx_len": ctx_len, **source}
     result = Analysis(stats, top, rand, scores, stats.n_tokens, n_contexts, info=info)
     try:
         result.lens = logit_lens(dictionary, model._module, apply_final_norm=apply_final_norm)

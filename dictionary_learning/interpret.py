@@ -1,10 +1,11 @@
 """What features respond to: streaming top and random contexts, and per-feature statistics.
 
 Data flow: texts -> left-padded token batches (``tokens.py``) -> one nnsight trace per batch,
-stopped after the submodule -> the dictionary's features ``f`` ``[B, T, m]`` on real tokens
-(padding rows stay 0) -> :class:`ContextCollector` and :class:`FeatureStatistics`, whose memory
-is bounded by the number of features (``m x k x window`` and ``m x n_bins``), never by the
-amount of text.
+stopped after the submodule (or an activation cache's rows, in contexts rebuilt from their
+positions: :func:`cached_feature_activations`) -> the dictionary's features ``f``
+``[B, T, m]`` on real tokens (padding rows stay 0) -> :class:`ContextCollector` and
+:class:`FeatureStatistics`, whose memory is bounded by the number of features
+(``m x k x window`` and ``m x n_bins``), never by the amount of text.
 
 A feature *fires* on a token when its activation is ``> 0``. A *context* is one row of a
 batch (one document, truncated to ``ctx_len`` tokens). Each context counts once per feature:
@@ -228,8 +229,13 @@ register_ranking("mean_activation")(lambda s: s["mean_activation"])
 # -- activations ---------------------------------------------------------------------------
 def _encode(dictionary, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Features ``[B, T, m]`` of ``x`` ``[B, T, d]`` on real tokens, 0 elsewhere."""
+    return _encode_rows(dictionary, x[mask.to(x.device)], mask)
+
+
+def _encode_rows(dictionary, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Features ``[B, T, m]`` of the real tokens' ``rows`` ``[n, d]`` (``n = mask.sum()``,
+    in the row-major order of ``mask``), 0 elsewhere."""
     p = next(dictionary.parameters(), None)
-    rows = x[mask.to(x.device)]
     if p is not None:
         rows = rows.to(device=p.device, dtype=p.dtype)
     f_rows = dictionary.encode(rows)                                 # [n, m]
@@ -271,4 +277,26 @@ def feature_activations(model, submodule, dictionary, texts: Iterable[str], io: 
             seen += int(mask.sum())
             bar.update(int(mask.sum()))
             yield inputs, f, mask
+    bar.close()
+
+
+def cached_feature_activations(cache, key: str, dictionary, batch_size: int = 32,
+                               n_tokens: int | None = None,
+                               progress: bool = True) -> Iterator[tuple]:
+    """:func:`feature_activations` read from an activation cache instead of a model: the
+    rows of the cache's tensor ``key`` (see :func:`~.cache.contexts.fitting_keys`), in
+    contexts rebuilt from the cache's positions, ``batch_size`` contexts a batch. Yields
+    ``(inputs, f, mask)`` with ``inputs`` holding the contexts' left-padded ``input_ids``
+    and ``attention_mask`` ``[B, T]``. Stops after the batch that reaches ``n_tokens``
+    rows. A cache written ``batch_size`` texts per forward pass from the same texts gives
+    the batches ``feature_activations`` gives."""
+    from .cache.contexts import context_batches
+
+    bar = tqdm(total=n_tokens, desc="Analysing (cache)", unit="tok", disable=not progress)
+    with torch.inference_mode():
+        for batch in context_batches(cache, [key], batch_size, n_tokens):
+            f = _encode_rows(dictionary, batch.rows[0], batch.mask)
+            bar.update(int(batch.mask.sum()))
+            yield ({"input_ids": batch.token_ids, "attention_mask": batch.mask.long()}, f,
+                   batch.mask)
     bar.close()

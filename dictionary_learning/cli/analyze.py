@@ -1,5 +1,7 @@
 """``analyze``: top contexts, statistics and logit effects of a dictionary's features, written
-as a run folder for the viewer (format in :mod:`dictionary_learning.analysis_run`)."""
+as a run folder for the viewer (format in :mod:`dictionary_learning.analysis_run`). With
+``--cache DIR`` the statistics and contexts come from an activation cache's rows; the model
+still runs the logit effects."""
 
 from __future__ import annotations
 
@@ -12,21 +14,41 @@ from .common import CLIError, format_pairs, open_texts
 from .evaluate import check_at_least, check_device_flags, check_memory, check_seed
 
 
-def _settings(args: argparse.Namespace, dict_dir: Path, config: dict) -> dict:
+def _settings(args: argparse.Namespace, dict_dir: Path, config: dict, cache=None) -> dict:
     """Model, submodule, io, ctx_len (the flags, else what the dictionary's folder records:
-    :func:`~dictionary_learning.assess.read_target`) and remove_bos."""
-    from ..assess import read_target
+    :func:`~dictionary_learning.assess.read_target`, else what the ``cache`` records) and
+    remove_bos. With a cache, the contexts are the cache's: its ctx_len and remove_bos."""
+    from ..assess import fill_from_cache, read_target
 
     target = read_target(dict_dir, model=args.model, submodule=args.submodule, io=args.io,
                          ctx_len=args.ctx_len)
+    if cache is not None:
+        target = fill_from_cache(target, cache.manifest)
     for key, flag in (("model", "--model"), ("submodule", "--submodule")):
         if not getattr(target, key):
             raise CLIError(f"the dictionary's config does not name its {key}: pass {flag}")
     buffer = config.get("buffer", {})
     remove_bos = bool(buffer.get("remove_bos", False)) if args.remove_bos is None \
         else args.remove_bos
-    return {"model": target.model, "submodule": target.submodule, "io": target.io,
-            "ctx_len": target.ctx_len, "remove_bos": remove_bos}
+    settings = {"model": target.model, "submodule": target.submodule, "io": target.io,
+                "ctx_len": target.ctx_len, "remove_bos": remove_bos}
+    if cache is not None:
+        settings.update(ctx_len=cache.manifest["ctx_len"],
+                        remove_bos=cache.manifest["remove_bos"])
+    return settings
+
+
+def check_cache_flags(args: argparse.Namespace, manifest: dict) -> None:
+    """With ``--cache`` the text and its contexts are the cache's: ``--data``, ``--ctx-len``
+    and ``--remove-bos`` are refused when they say otherwise (one error for all)."""
+    given = {"--data": (args.data, manifest.get("data")),
+             "--ctx-len": (args.ctx_len, manifest["ctx_len"]),
+             "--remove-bos": (args.remove_bos, manifest["remove_bos"])}
+    clashes = [f"{flag} {ours} (the cache has {theirs})"
+               for flag, (ours, theirs) in given.items() if ours is not None and ours != theirs]
+    if clashes:
+        raise CLIError(f"the cache {args.cache} was collected differently: "
+                       f"{'; '.join(clashes)}: omit these options with --cache")
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], Path]:
@@ -95,14 +117,25 @@ def run(args: argparse.Namespace) -> int:
     # Every refusal below comes before the output folder is touched.
     rankings, dict_dir = check_arguments(args)
     config = folder_config(dict_dir)       # config files only: no weights read yet
-    s = _settings(args, dict_dir, config)
+    cache = None
+    if args.cache is not None:
+        from ..cache.contexts import fitting_keys, is_short_name, open_cache, resolve_name
+
+        cache = open_cache(Path(args.cache).expanduser())
+        check_cache_flags(args, cache.manifest)
+    s = _settings(args, dict_dir, config, cache)
     dict_size = _config_dict_size(config)
     if dict_size is not None:
         check_analysis_memory(args, dict_size, s["ctx_len"])
-    texts = open_texts(args.data, split=args.split, text_field=args.text_field)
+    texts = None if cache is not None else open_texts(args.data or "stdlib", split=args.split,
+                                                      text_field=args.text_field)
     dictionary, _ = load_dictionary(dict_dir, device=args.device)
     if dict_size is None:
         check_analysis_memory(args, dictionary.dict_size, s["ctx_len"])
+    if cache is not None:  # a cache that does not fit fails before the model loads
+        name = resolve_name(s["submodule"], cache.manifest)
+        if not is_short_name(name):  # else only the model can tell (analyze checks then)
+            fitting_keys(cache, name, s["io"], dictionary, str(dict_dir))
     model = open_model(s["model"], device=args.device)
     s["submodule"] = submodule_path(model, s["submodule"])       # "1.mlp" -> dotted path
     resolve_submodule(model, s["submodule"])            # a wrong name fails before any work
@@ -113,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                      after=args.window_after, rankings=rankings,
                      n_ablation=args.ablation_features,
                      apply_final_norm=not args.no_final_norm, remove_bos=s["remove_bos"],
-                     seed=args.seed)
+                     seed=args.seed, cache=cache)
     info = {"dictionary": str(dict_dir.resolve()), "model": s["model"]}
     paths = write_run_folder(result, args.out, model.tokenizer, info)
     alive = int((result.stats.summary()["n_fired"] > 0).sum())
@@ -129,12 +162,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="find what a dictionary's features respond to: top and "
                        "random contexts, statistics, logit effects; writes a run folder")
     p.add_argument("dict_dir", help="dictionary folder (ae.pt + config.json) or .pt file")
-    p.add_argument("--data", default="stdlib", help="'stdlib', a .txt/.jsonl/.jsonl.zst file or "
-                   "folder, or a HF dataset name (default: %(default)s)")
+    p.add_argument("--data", default=None, help="'stdlib', a .txt/.jsonl/.jsonl.zst file or "
+                   "folder, or a HF dataset name (default: stdlib)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="take the statistics and contexts from this activation cache's rows "
+                   "(written by the `cache` command; contexts rebuilt from its token ids) "
+                   "instead of running the model on --data; the model still runs the "
+                   "ablations. It must hold the dictionary's submodule, io and width")
     p.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text")
     p.add_argument("--n-tokens", type=int, default=100_000,
-                   help="real tokens to analyse (default: %(default)s)")
+                   help="real tokens to analyse; with --cache, its first rows, in whole "
+                   "batches of --batch-size contexts (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--model", help="model hub id, folder, or 'demo' (default: the dictionary's "
                    "config)")
