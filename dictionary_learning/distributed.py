@@ -35,6 +35,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60
 
 
+class PeerLostError(RuntimeError):
+    """A collective failed: another process of the run died, stopped or timed out."""
+
+
+def _collective(collective, *args, **kwargs):
+    """``collective(*args)`` (a torch.distributed call), its failure one clear error."""
+    try:
+        return collective(*args, **kwargs)
+    except RuntimeError as e:  # gloo/NCCL report a lost peer or a timeout as RuntimeError
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PeerLostError(
+            f"rank {dist.get_rank()}: another process of the distributed run stopped or "
+            f"did not answer within the timeout ({first}); see that process's error "
+            "above") from e
+
+
 class Batch:
     """Reductions over the global batch. This base class is one process: the identity."""
 
@@ -70,11 +86,14 @@ class DistributedBatch(Batch):
 
     def __init__(self):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # NCCL reduces CUDA tensors only, gloo CPU ones (or either): reduce where it can.
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if dist.get_backend() == "nccl" else torch.device("cpu"))
 
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        out = t.detach().clone()
-        dist.all_reduce(out, op=op)
-        return out
+        out = t.detach().to(self.device, copy=True)
+        _collective(dist.all_reduce, out, op=op)
+        return out.to(t.device)
 
     def sum(self, t):
         return self._reduce(t, dist.ReduceOp.SUM)
@@ -95,12 +114,12 @@ class DistributedBatch(Batch):
     def gather(self, x):
         sizes = [torch.zeros((), dtype=torch.long, device=x.device)
                  for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+        _collective(dist.all_gather, sizes, torch.tensor(x.shape[0], device=x.device))
         most = int(max(sizes))
         padded = x.new_zeros((most, *x.shape[1:]))
         padded[:x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous())
+        _collective(dist.all_gather, parts, padded.contiguous())
         return torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])
 
     def all_true(self, flag):
@@ -163,7 +182,7 @@ def reduce_gradients(params: list[torch.nn.Parameter], n_local: int, checks: tor
     flat = torch.cat([*(g.reshape(-1).float() * n_local for g in grads),
                       checks.float().reshape(-1),
                       torch.tensor([float(n_local)], device=checks.device)])
-    dist.all_reduce(flat)
+    _collective(dist.all_reduce, flat)
     n_global = int(flat[-1])
     offset = 0
     for g in grads:

@@ -11,7 +11,9 @@ Layout (upstream's, so its own loader reads our folders)::
       checkpoints/trainer_state_{step}.pt   what resuming needs: the training-time
                                        dictionary, optimizer, counters, generators, step
     run_dir/checkpoints/stream_state_{step}.pt   the activation buffer's state (one per run,
-                                       shared by a sweep's trainers; only the latest kept)
+                                       shared by a sweep's trainers; only the latest kept;
+                                       under torchrun one per rank,
+                                       stream_state_{step}.rank{r}of{world}.pt)
 
 A checkpoint is complete once every trainer's ``trainer_state_{step}.pt`` exists: they are
 written last, after the weights and the stream state. Every file is written through
@@ -102,39 +104,60 @@ def read_trainer_state(folder: str | Path, step: int) -> dict:
                          "checkpoint keeps the activation stream's state)") from e
 
 
-STREAM_STATE = re.compile(r"^stream_state_(\d+)\.pt$")
+STREAM_STATE = re.compile(r"^stream_state_(\d+)(?:\.rank(\d+)of(\d+))?\.pt$")
 
 
-def _stream_state_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"stream_state_{step}.pt"
+def _stream_state_path(run_dir: str | Path, step: int, rank: int = 0, world: int = 1) -> Path:
+    """One file per rank: each rank's source (its share of the text or shards) has its
+    own position. One process: ``stream_state_{step}.pt``."""
+    tail = "" if world == 1 else f".rank{rank}of{world}"
+    return Path(run_dir) / "checkpoints" / f"stream_state_{step}{tail}.pt"
 
 
-def stream_state_steps(run_dir: str | Path) -> list[int]:
-    """Steps at which ``run_dir/checkpoints`` holds the activation stream's state."""
+def _stream_states(run_dir: str | Path) -> list[tuple[int, int, int]]:
+    """``(step, rank, world)`` of every stream state in ``run_dir/checkpoints``."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := STREAM_STATE.match(p.name)))
+    return sorted((int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 1))
+                  for p in folder.iterdir() if (m := STREAM_STATE.match(p.name)))
 
 
-def save_stream_state(run_dir: str | Path, step: int, state: dict) -> None:
-    save_state_dict(state, _stream_state_path(run_dir, step))
+def stream_state_steps(run_dir: str | Path, world: int = 1) -> list[int]:
+    """Steps at which ``run_dir/checkpoints`` holds the activation stream's state of every
+    one of ``world`` ranks."""
+    found: dict[int, set[int]] = {}
+    for step, rank, w in _stream_states(run_dir):
+        if w == world:
+            found.setdefault(step, set()).add(rank)
+    return sorted(step for step, ranks in found.items() if len(ranks) == world)
 
 
-def read_stream_state(run_dir: str | Path, step: int) -> dict:
-    path = _stream_state_path(run_dir, step)
+def stream_state_worlds(run_dir: str | Path) -> set[int]:
+    """The numbers of ranks the run's stream states were saved by."""
+    return {w for _, _, w in _stream_states(run_dir)}
+
+
+def save_stream_state(run_dir: str | Path, step: int, state: dict, rank: int = 0,
+                      world: int = 1) -> None:
+    save_state_dict(state, _stream_state_path(run_dir, step, rank, world))
+
+
+def read_stream_state(run_dir: str | Path, step: int, rank: int = 0, world: int = 1) -> dict:
+    path = _stream_state_path(run_dir, step, rank, world)
     try:
         return read_pickle(path)
     except ValueError as e:
         raise ValueError(f"{e}; the run cannot resume exactly from step {step}") from e
 
 
-def prune_stream_states(run_dir: str | Path, keep: int) -> None:
-    """Remove the stream states of steps before ``keep`` (each can be as large as the
-    buffer; only the latest complete checkpoint's is needed)."""
-    for step in stream_state_steps(run_dir):
-        if step < keep:
-            _stream_state_path(run_dir, step).unlink(missing_ok=True)
+def prune_stream_states(run_dir: str | Path, keep: int, rank: int = 0, world: int = 1
+                        ) -> None:
+    """Remove this rank's stream states of steps before ``keep`` (each can be as large as
+    the buffer; only the latest complete checkpoint's is needed)."""
+    for step, r, w in _stream_states(run_dir):
+        if step < keep and (r, w) == (rank, world):
+            _stream_state_path(run_dir, step, rank, world).unlink(missing_ok=True)
 
 
 class CheckpointWriter:

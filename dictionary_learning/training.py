@@ -32,10 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Dictionary
+from .distributed import PeerLostError, current_batch
 from .files import WriteError
 from .saving import (CheckpointWriter, checkpoint_steps, prune_stream_states,
                      read_stream_state, read_trainer_state, save_stream_state,
-                     stream_state_steps)
+                     stream_state_steps, stream_state_worlds)
 from .trainer import NonFiniteError, StepResult, Trainer, TrainerConfig  # noqa: F401 - API
 
 logger = logging.getLogger(__name__)
@@ -142,13 +143,23 @@ class _DeferredInterrupt:
         return False
 
 
-def resume_step(save_dir: str | Path, n_trainers: int, stream_state: bool = False) -> int:
+def resume_step(save_dir: str | Path, n_trainers: int, stream_state: bool = False,
+                world: int = 1) -> int:
     """The latest step at which every trainer folder of ``save_dir`` has a checkpoint (and,
-    with ``stream_state``, the activation stream's state was saved too)."""
+    with ``stream_state``, the activation stream's state was saved too, by each of
+    ``world`` ranks)."""
     folders = trainer_dirs(save_dir, n_trainers)
     common = set.intersection(*(set(checkpoint_steps(f)) for f in folders))
     if stream_state:
-        common &= set(stream_state_steps(save_dir))
+        saved = set(stream_state_steps(save_dir, world))
+        others = stream_state_worlds(save_dir) - {world}
+        if common and not common & saved and others:
+            n = max(others)
+            raise ValueError(f"{save_dir} was checkpointed by {n} process"
+                             f"{'es' if n > 1 else ''} and this run has {world}: each "
+                             "process's position in the text is its own, so resume with "
+                             f"{'torchrun --nproc-per-node ' + str(n) if n > 1 else 'one process'}")
+        common &= saved
     if not common:
         raise ValueError(f"no checkpoint to resume from in {save_dir} (looked for "
                          "checkpoints/trainer_state_*.pt beside ae_*.pt"
@@ -222,28 +233,30 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
-    trainers = [Trainer(cfg, device, total_steps=steps) for cfg in configs]
+    dp = current_batch()  # the ranks of a data-parallel run (the identity in one process)
+    rank, world, main = dp.rank, dp.world_size, dp.rank == 0
+    trainers = [Trainer(cfg, device, total_steps=steps, batch=dp) for cfg in configs]
     if callable(getattr(activations, "mean_norm", None)):  # a cache knows its statistics
         for t in trainers:
             t.data_mean_norm = activations.mean_norm(t.config.submodule)
     step, n_tokens = 0, 0
     if resume:
-        step = resume_step(save_dir, len(configs), stream_state=stream.resumable)
+        step = resume_step(save_dir, len(configs), stream_state=stream.resumable, world=world)
         for folder, t in zip(trainer_dirs(save_dir, len(configs)), trainers):
             state = read_trainer_state(folder, step)
             t.load_state(state)
             n_tokens = int(state["activations_trained"])
         if stream.resumable:
-            stream.load_state_dict(read_stream_state(save_dir, step))
+            stream.load_state_dict(read_stream_state(save_dir, step, rank, world))
         logger.info("resuming from step %d (%d activations trained)", step, n_tokens)
-    writers = []
-    if save_dir is not None:
+    writers = []  # only rank 0 writes folders
+    if save_dir is not None and main:
         writers = [CheckpointWriter(d, t, buffer_config, {**run_info, **(
             {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps,
             resume_step=step if resume else None)
             for d, t in zip(trainer_dirs(save_dir, len(configs)), trainers)]
     wandb = None
-    if wandb_project is not None:
+    if wandb_project is not None and main:
         from .dashboards import WandbLogger
 
         wandb = WandbLogger(wandb_project, run_name=Path(save_dir).name if save_dir else None,
@@ -257,7 +270,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             for w in writers:
                 w.write_weights(step)
             if stream.resumable:
-                save_stream_state(save_dir, step, stream.state_dict())
+                save_stream_state(save_dir, step, stream.state_dict(), rank, world)
+            dp.all_true(True)  # every rank's stream state is on disk
             for w in writers:  # written last: they mark the checkpoint complete
                 w.write_state(step, n_tokens, texts_read=getattr(activations, "texts_seen",
                                                                  None))
@@ -265,19 +279,23 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
             raise WriteError(e.errno, f"{e.strerror}; {_resume_hint(last_checkpoint, save_dir)}"
                              ) from e
         if stream.resumable:
-            prune_stream_states(save_dir, keep=step)
+            prune_stream_states(save_dir, keep=step, rank=rank, world=world)
         last_checkpoint = step
 
     log_every = log_steps or max(1, (steps or 1000) // 100)
-    bar = tqdm(total=steps, initial=step, desc="Training", unit="step", disable=not progress)
+    bar = tqdm(total=steps, initial=step, desc="Training", unit="step",
+               disable=not progress or not main)
     first_step, start_tokens = step, n_tokens
     try:
         with _DeferredInterrupt() as interrupt:
             batches = iter(stream)
             while steps is None or step < steps:
                 batch = next(batches, None)
-                if batch is None:
+                # Every rank stops when one has run out, and all stop at a Ctrl-C on any.
+                n_rows, go_on, stop_asked = _agree(dp, batch, interrupt.requested)
+                if not go_on:
                     break
+                interrupt.requested = stop_asked
                 results = []
                 for i, t in enumerate(trainers):
                     x, target = split_batch(select_batch(batch, t.config.submodule), device,
@@ -287,7 +305,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                         _on_skip(step, i, t, result.skipped, on_nonfinite, max_skips,
                                  _resume_hint(last_checkpoint, save_dir))
                     results.append(result)
-                n_tokens += x.shape[0]
+                n_tokens += n_rows if n_rows is not None else x.shape[0]
                 step += 1
                 bar.update(1)
                 if step % log_every == 0 or step == first_step + 1:
@@ -297,11 +315,13 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                     checkpoint()
                 if interrupt.requested:
                     raise TrainingInterrupted(step, [w.folder for w in writers])
+    except PeerLostError as e:
+        raise PeerLostError(f"{e}; {_resume_hint(last_checkpoint, save_dir)}") from e
     finally:
         bar.close()
         if wandb is not None:
             wandb.finish()
-    if steps is not None and step < steps:
+    if steps is not None and step < steps and main:
         logger.warning("activations ran out after %d of %d steps", step, steps)
     for i, t in enumerate(trainers):
         if t.n_skipped:
@@ -313,6 +333,25 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
 
 
 NONFINITE_POLICIES = ("skip", "stop")
+
+
+def _agree(dp, batch, interrupted: bool) -> tuple[int | None, bool, bool]:
+    """``(global rows, go on, stop after this step)``: in one process, from this process;
+    under torch.distributed, one all-reduce makes every rank decide alike."""
+    if dp.world_size == 1:
+        return None, batch is not None, interrupted
+    x = None if batch is None else _first_tensor(batch)
+    local = torch.tensor([0.0 if x is None else 1.0, float(interrupted),
+                          0.0 if x is None else float(x.shape[0])],
+                         device=None if x is None else x.device)
+    total = dp.sum(local)
+    return int(total[2]), int(total[0]) == dp.world_size, bool(total[1] > 0)
+
+
+def _first_tensor(batch) -> torch.Tensor:
+    while not isinstance(batch, torch.Tensor):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return batch
 
 
 def _on_skip(step, i, trainer, what, policy, max_skips, hint) -> None:

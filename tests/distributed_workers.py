@@ -1,0 +1,112 @@
+"""What each process of the distributed tests runs (spawned, so it must be importable).
+Every worker joins a gloo group on localhost, trains, and leaves its results in files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def join(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def configs():
+    from dictionary_learning import TrainerConfig
+
+    kw = dict(lr=3e-3, warmup_steps=4, dead_feature_tokens=300, seed=0)
+    return [
+        TrainerConfig(32, 128, dict_class="AutoEncoder", resample_steps=7,
+                      normalize_activations=True, **kw),
+        TrainerConfig(32, 128, dict_class="AutoEncoderTopK", dict_kwargs={"k": 4}, **kw),
+        TrainerConfig(32, 128, dict_class="BatchTopKSAE",
+                      dict_kwargs={"k": 4, "threshold_start_step": 5}, **kw),
+        TrainerConfig(32, 128, dict_class="JumpReluAutoEncoder", sparsity_penalty=0.1,
+                      dict_kwargs={"target_l0": 8}, **kw),
+    ]
+
+
+def global_batches(n_steps: int = 20, size: int = 64) -> list[torch.Tensor]:
+    """Planted sparse data, with per-dimension offsets (so a mean matters)."""
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(96, 32, generator=g), dim=-1)
+    f = (torch.rand(n_steps * size, 96, generator=g) < 0.05) * torch.rand(n_steps * size, 96,
+                                                                          generator=g)
+    x = f @ D * 3 + torch.randn(32, generator=g)
+    return list(x.split(size))
+
+
+def data_parallel(rank: int, world: int, port: int, out: str) -> None:
+    """Train the four dictionaries on this rank's half of each global batch."""
+    from dictionary_learning import train_dictionaries
+
+    join(rank, world, port)
+    mine = [b.chunk(world)[rank] for b in global_batches()]
+    trained = train_dictionaries(iter(mine), configs(), steps=20, save_dir=Path(out) / "run",
+                                 log_steps=1, progress=False)
+    torch.save([d.state_dict() for d in trained], Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def cached_run(rank: int, world: int, port: int, cache: str, save_dir: str, die_at: int,
+               resume: bool) -> None:
+    """Train on this rank's shards of a cache; the source raises after ``die_at`` batches."""
+    from dictionary_learning import train_dictionaries
+    from dictionary_learning.cache import CachedActivations
+
+    join(rank, world, port)
+    source = CachedActivations(cache, 48, window=300, epochs=5, seed=1, rank=rank,
+                               world_size=world, prefetch=False)
+
+    class Dying:
+        config = source.config
+        state_dict, load_state_dict = source.state_dict, source.load_state_dict
+
+        def __iter__(self):
+            for i, batch in enumerate(source):
+                if die_at and i == die_at:
+                    raise RuntimeError("killed")
+                yield batch
+
+    cfgs = [c.__class__(**{**c.__dict__, "activation_dim": 64, "dict_size": 128})
+            for c in configs()[1:3]]
+    try:
+        train_dictionaries(Dying(), cfgs, steps=20, save_dir=save_dir, save_steps=5,
+                           progress=False, resume=resume)
+    except RuntimeError as e:
+        if "killed" not in str(e):
+            raise
+    dist.destroy_process_group()
+
+
+def dies_or_waits(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 exits abruptly at step 5; rank 0 records what it raised and when."""
+    from dictionary_learning import train_dictionaries
+
+    join(rank, world, port, timeout_s=30)
+    batches = [b.chunk(world)[rank] for b in global_batches(40)]
+
+    def stream():
+        for i, b in enumerate(batches):
+            if rank == 1 and i == 5:
+                os._exit(3)
+            yield b
+
+    start = time.time()
+    try:
+        train_dictionaries(stream(), configs()[:1], steps=40, progress=False)
+        outcome = {"error": None}
+    except Exception as e:  # noqa: BLE001 - the test reads what it was
+        outcome = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    outcome["seconds"] = time.time() - start
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))

@@ -1,0 +1,96 @@
+"""Data-parallel training on two gloo processes against one process on the same rows: each
+rank trains on half of every global batch, and the dictionaries (relu with resampling and
+normalisation, topk, batchtopk, jumprelu) and the logged losses equal single-process
+training on the whole batches; a run on a cache's shards, killed and resumed, ends like an
+uninterrupted one; a rank that dies makes the other stop with an error, not hang."""
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+from dictionary_learning import train_dictionaries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args, world=2, timeout=180):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=fn, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(max(1, deadline - time.time()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_data_parallel_equals_one_process_on_the_same_rows(tmp_path):
+    assert spawn(workers.data_parallel, str(tmp_path)) == [0, 0]
+    single = train_dictionaries(iter(workers.global_batches()), workers.configs(), steps=20,
+                                save_dir=tmp_path / "single", log_steps=1, progress=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for i, reference in enumerate(single):
+        for key, value in reference.state_dict().items():
+            for r in range(2):  # every rank holds the same dictionary
+                torch.testing.assert_close(ranks[r][i][key], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"trainer {i} {key} rank {r}")
+        ours = metrics(tmp_path / "run" / f"trainer_{i}")
+        theirs = metrics(tmp_path / "single" / f"trainer_{i}")
+        assert len(ours) == len(theirs) == 20
+        for a, b in zip(ours, theirs):
+            assert a["activations"] == b["activations"]
+            for name in ("loss", "mse", "l0", "frac_variance_explained"):
+                assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), (i, name, a)
+    # The resampling and the BatchTopK threshold really ran.
+    assert torch.load(tmp_path / "rank0.pt")[2]["threshold"] > 0
+
+
+def test_killed_distributed_run_on_a_cache_resumes_like_an_uninterrupted_one(
+        models, texts, tmp_path):
+    from dictionary_learning.cache import write_cache
+
+    write_cache(tmp_path / "cache", models["pythia"], texts[:60], "gpt_neox.layers.1.mlp",
+                tokens=3000, ctx_len=32, shard_rows=250, progress=False)
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    cache = str(tmp_path / "cache")
+    assert spawn(workers.cached_run, cache, whole, 0, False) == [0, 0]
+    assert spawn(workers.cached_run, cache, part, 13, False) == [0, 0]  # stops at step 13
+    states = sorted(p.name for p in (tmp_path / "part" / "checkpoints").glob("stream_*"))
+    assert states == ["stream_state_10.rank0of2.pt", "stream_state_10.rank1of2.pt"]
+    assert spawn(workers.cached_run, cache, part, 0, True) == [0, 0]
+    for i in range(2):
+        a = torch.load(tmp_path / "whole" / f"trainer_{i}" / "ae.pt")
+        b = torch.load(tmp_path / "part" / f"trainer_{i}" / "ae.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    # One process cannot continue what two started.
+    from dictionary_learning.training import resume_step
+    with pytest.raises(ValueError, match="checkpointed by 2 processes and this run has 1"):
+        resume_step(part, 2, stream_state=True, world=1)
+
+
+def test_a_dead_rank_stops_the_other_with_an_error(tmp_path):
+    start = time.time()
+    codes = spawn(workers.dies_or_waits, str(tmp_path), timeout=120)
+    assert codes[1] == 3 and codes[0] == 0  # rank 0 caught its error and reported it
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    assert outcome["error"] is not None and outcome["seconds"] < 60
+    assert "another process of the distributed run stopped" in outcome["error"]
+    assert time.time() - start < 90
