@@ -164,6 +164,12 @@ def init_from_environment(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOU
     return dist.get_world_size() > 1
 
 
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _collective(dist.barrier)
+
+
 def rank_device(device: str) -> str:
     """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -146,12 +146,15 @@ def _summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str | None = None):
+def load_model(name_or_path: str, device: str = "cpu", dtype: str | None = None,
+               device_map: str | None = None):
     """An nnsight ``LanguageModel`` from a hub id or a local folder (``save_pretrained``
     layout), loaded now so that a bad name fails here, with a clear message.
 
     ``device`` goes through :func:`check_device` and ``dtype`` (``None``: the model's own)
-    through :func:`torch_dtype`. Every failure to open the model is a :class:`SourceError`
+    through :func:`torch_dtype`. ``device_map`` (``"auto"``, ``"balanced"``, ...) spreads a
+    model too large for one device over the available ones through accelerate, instead of
+    putting it on ``device``. Every failure to open the model is a :class:`SourceError`
     whose message is one line naming the model.
     """
     import warnings
@@ -163,7 +166,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | None = None)
     if not path.exists() and _looks_local(name_or_path):
         raise SourceError(f"no model folder at {name_or_path}: pass a hub id such as "
                           "EleutherAI/pythia-70m-deduped or an existing local folder")
-    kwargs = {"device_map": str(check_device(device)), "dispatch": True}
+    kwargs = {"device_map": device_map or str(check_device(device)), "dispatch": True}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
     if path.exists():

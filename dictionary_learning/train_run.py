@@ -104,7 +104,14 @@ class TrainRun:
     normalize_activations: bool = _opt(False, "train on activations scaled to norm sqrt(d)")
     save_steps: int | None = _opt(None, "checkpoint every this many steps (needed to resume)")
     save_dir: str = _opt("runs/train", "output folder")
-    device: str = _opt("cpu", "device of the model and the dictionaries (cpu, cuda, ...)")
+    device: str = _opt("cpu", "device of the model and the dictionaries (cpu, cuda, ...); "
+                       "under torchrun, cuda is each process's own GPU")
+    device_map: str | None = _opt(None, "spread a model too large for one device over the "
+                                  "devices (accelerate: auto, balanced, ...); the "
+                                  "dictionaries stay on --device")
+    shard_dictionaries: bool = _opt(False, "under torchrun: each process trains its share of "
+                                    "the sweep's dictionaries on the gathered batches, instead "
+                                    "of every process training all of them data parallel")
     dtype: str = _opt("float32", "dtype of the model and of the stored activations")
     seed: int = _opt(0, "seed of the dictionaries' initialisation and the buffer's shuffling")
     eval_texts: int = _opt(256, "documents kept aside (from the start of the text) for "
@@ -278,8 +285,10 @@ def _threshold_schedule(total_steps: int) -> dict:
     return {"threshold_start_step": start, "threshold_beta": beta}
 
 
-def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress: bool = True):
-    """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder."""
+def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress: bool = True,
+               device_map: str | None = None):
+    """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder
+    (spread over devices by accelerate with ``device_map``)."""
     if name == "demo":
         from . import demo_lm
 
@@ -287,7 +296,8 @@ def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress:
                                            config=demo_lm.DEMO_LM_CONFIG)
     from .sources import load_model
 
-    return load_model(name, device=device, dtype=None if dtype == "float32" else dtype)
+    return load_model(name, device=device, dtype=None if dtype == "float32" else dtype,
+                      device_map=device_map)
 
 
 class RunResult(NamedTuple):
@@ -327,7 +337,18 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
         from .cache.run import fit_run_to_cache
 
         run, manifest = fit_run_to_cache(run)
-    model = open_model(run.model, run.device, run.dtype, progress=progress)
+    from .distributed import barrier, init_from_environment, rank_and_world, rank_device
+
+    init_from_environment(run.device)
+    rank, world = rank_and_world()
+    if run.batch_size % world:
+        raise ValueError(f"--batch-size {run.batch_size} does not split over {world} "
+                         f"processes: give a multiple of {world}")
+    device = rank_device(run.device)
+    per_rank = run.batch_size // world  # the global batch is every rank's together
+    progress = progress and rank == 0
+    model = open_model(run.model, device, run.dtype, progress=progress,
+                       device_map=run.device_map)
     torch.manual_seed(run.seed)  # after the model: building the demo LM draws numbers too
     texts = open_texts(run.data, text_field=run.text_field)
     held_out = list(islice(texts, run.eval_texts))
@@ -336,17 +357,18 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
         from .cache.run import cache_submodule
 
         submodule = cache_submodule(run, manifest, model)
-        buffer = CachedActivations(run.cache, run.batch_size, submodule=submodule,
+        buffer = CachedActivations(run.cache, per_rank, submodule=submodule,
                                    window=run.n_ctxs * run.ctx_len, epochs=run.epochs,
-                                   seed=run.seed)
+                                   seed=run.seed, rank=rank, world_size=world)
     else:
         submodule = submodule_path(model, run.submodule)
         resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
         # On resume the buffer restores its saved state and skips the texts it had read.
-        buffer = ActivationBuffer(_epochs(texts, run), model, submodule, io=run.io,
-                                  n_ctxs=run.n_ctxs, ctx_len=run.ctx_len,
+        # Under torchrun each process reads every world-th document.
+        buffer = ActivationBuffer(islice(_epochs(texts, run), rank, None, world), model,
+                                  submodule, io=run.io, n_ctxs=run.n_ctxs, ctx_len=run.ctx_len,
                                   refresh_batch_size=run.refresh_batch_size,
-                                  out_batch_size=run.batch_size, dtype=torch_dtype(run.dtype),
+                                  out_batch_size=per_rank, dtype=torch_dtype(run.dtype),
                                   pack=run.pack, progress=progress, seed=run.seed)
     widths = buffer.d_submodule
     d_in, d_out = widths if isinstance(widths, tuple) else (widths, widths)
@@ -358,23 +380,34 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
         from .saving import read_trainer_state
         from .training import trainer_dirs, resume_step
 
-        step = resume_step(save_dir, len(configs), stream_state=True)
+        step = resume_step(save_dir, len(configs), stream_state=True, world=world)
         for folder in trainer_dirs(save_dir, len(configs)):
             read_trainer_state(folder, step)
-    # Every check has passed: from here on the folder is written.
-    if overwrite and not resume:
-        remove_run(save_dir)
-    remove_stale_temps(save_dir, recursive=True)
-    write_json(save_dir / ARGS_NAME, dataclasses.asdict(run))
+    # Every check has passed (on every process): from here on rank 0 writes the folder.
+    barrier()
+    if rank == 0:
+        if overwrite and not resume:
+            remove_run(save_dir)
+        remove_stale_temps(save_dir, recursive=True)
+        write_json(save_dir / ARGS_NAME, dataclasses.asdict(run))
     logger.info("training %d dictionar%s on %s of %s", len(configs),
                 "y" if len(configs) == 1 else "ies", submodule, run.model)
     dictionaries = train_dictionaries(buffer, configs, steps=run.total_steps, save_dir=save_dir,
-                                      save_steps=run.save_steps, device=run.device,
+                                      save_steps=run.save_steps, device=device,
                                       progress=progress, resume=resume,
                                       wandb_project=run.wandb, on_nonfinite=run.on_nonfinite,
-                                      max_skips=run.max_skips)
+                                      max_skips=run.max_skips,
+                                      shard_dictionaries=run.shard_dictionaries)
     folders = ([save_dir] if len(configs) == 1
                else [save_dir / f"trainer_{i}" for i in range(len(configs))])
+    barrier()  # every process's dictionaries are written
+    if rank != 0:  # rank 0 evaluates
+        return RunResult([], configs, [])
+    if any(d is None for d in dictionaries):  # trained by other processes
+        from .loading import load_dictionary
+
+        dictionaries = [d if d is not None else load_dictionary(f, device=device)[0]
+                        for d, f in zip(dictionaries, folders)]
     from .held_out import evaluate_held_out
 
     metrics = evaluate_held_out(dictionaries, folders, held_out, model, submodule, run,

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Dictionary
-from .distributed import PeerLostError, current_batch
+from .distributed import LOCAL, PeerLostError, current_batch
 from .files import WriteError
 from .saving import (CheckpointWriter, checkpoint_steps, prune_stream_states,
                      read_stream_state, read_trainer_state, save_stream_state,
@@ -178,8 +178,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        log_steps: int | None = None, device: str | torch.device = "cpu",
                        run_info: dict | None = None, progress: bool = True,
                        resume: bool = False, wandb_project: str | None = None,
-                       on_nonfinite: str = "skip", max_skips: int = 10
-                       ) -> list[Dictionary]:
+                       on_nonfinite: str = "skip", max_skips: int = 10,
+                       shard_dictionaries: bool = False) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
     ``activations`` yields tensors ``[B, d]``, ``(x_in, x_out)`` pairs, or — from a buffer
@@ -214,6 +214,14 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     :class:`NonFiniteError` naming the step. Nothing non-finite is ever written: the last
     checkpoint stays the resume point.
 
+    Under torch.distributed (``torchrun``) with several processes, each reads its own share
+    of the activations. By default the run is data parallel: every process trains every
+    dictionary, on its share of each global batch, and the step is the one a single
+    process would take on the whole batch (:mod:`dictionary_learning.distributed`); only
+    rank 0 writes. With ``shard_dictionaries`` the batches are gathered instead, and each
+    process trains (and writes) its own dictionaries ``configs[rank::world]`` on the whole
+    global batch; the list returned holds those, others are ``None``.
+
     Every logged step goes to each folder's ``metrics.jsonl`` (plotted into
     ``training_curves.png`` at checkpoints and at the end) and, with ``wandb_project``, to
     one Weights & Biases run (``WANDB_MODE=offline`` works without network).
@@ -233,28 +241,38 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
-    dp = current_batch()  # the ranks of a data-parallel run (the identity in one process)
+    dp = current_batch()  # the ranks of a distributed run (the identity in one process)
     rank, world, main = dp.rank, dp.world_size, dp.rank == 0
-    trainers = [Trainer(cfg, device, total_steps=steps, batch=dp) for cfg in configs]
+    # Which dictionaries this process trains and writes, and over which batch they reduce.
+    if shard_dictionaries and world > 1:
+        if len(configs) < world:
+            raise ValueError(f"shard_dictionaries spreads {len(configs)} dictionaries over "
+                             f"{world} processes: give at least {world}, or train data "
+                             "parallel")
+        mine, step_batch, writes = list(range(rank, len(configs), world)), LOCAL, True
+    else:
+        mine, step_batch, writes = list(range(len(configs))), dp, main
+    all_dirs = None if save_dir is None else trainer_dirs(save_dir, len(configs))
+    trainers = [Trainer(configs[i], device, total_steps=steps, batch=step_batch) for i in mine]
     if callable(getattr(activations, "mean_norm", None)):  # a cache knows its statistics
         for t in trainers:
             t.data_mean_norm = activations.mean_norm(t.config.submodule)
     step, n_tokens = 0, 0
     if resume:
         step = resume_step(save_dir, len(configs), stream_state=stream.resumable, world=world)
-        for folder, t in zip(trainer_dirs(save_dir, len(configs)), trainers):
+        for folder, t in zip([all_dirs[i] for i in mine], trainers):
             state = read_trainer_state(folder, step)
             t.load_state(state)
             n_tokens = int(state["activations_trained"])
         if stream.resumable:
             stream.load_state_dict(read_stream_state(save_dir, step, rank, world))
         logger.info("resuming from step %d (%d activations trained)", step, n_tokens)
-    writers = []  # only rank 0 writes folders
-    if save_dir is not None and main:
-        writers = [CheckpointWriter(d, t, buffer_config, {**run_info, **(
+    writers = []  # data parallel: only rank 0 writes folders
+    if save_dir is not None and writes:
+        writers = [CheckpointWriter(all_dirs[i], t, buffer_config, {**run_info, **(
             {"submodule_name": t.config.submodule} if t.config.submodule else {})}, steps,
             resume_step=step if resume else None)
-            for d, t in zip(trainer_dirs(save_dir, len(configs)), trainers)]
+            for i, t in zip(mine, trainers)]
     wandb = None
     if wandb_project is not None and main:
         from .dashboards import WandbLogger
@@ -296,6 +314,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                 if not go_on:
                     break
                 interrupt.requested = stop_asked
+                if step_batch is not dp:  # dictionary parallel: every rank sees every row
+                    batch = _gather_batch(dp, batch)
                 results = []
                 for i, t in enumerate(trainers):
                     x, target = split_batch(select_batch(batch, t.config.submodule), device,
@@ -311,7 +331,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                 if step % log_every == 0 or step == first_step + 1:
                     _log(step, n_tokens - start_tokens, results, trainers, bar, writers,
                          log_steps, n_tokens, wandb)
-                if save_at(step) or (interrupt.requested and writers):
+                if save_at(step) or (interrupt.requested and save_dir is not None):
                     checkpoint()
                 if interrupt.requested:
                     raise TrainingInterrupted(step, [w.folder for w in writers])
@@ -329,7 +349,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                            t.config.dict_class, t.n_skipped, step)
     for w in writers:
         w.finish(step, n_tokens, buffer_config=dict(getattr(activations, "config", {}) or {}))
-    return [t.raw_dictionary() for t in trainers]
+    trained = {i: t.raw_dictionary() for i, t in zip(mine, trainers)}
+    return [trained.get(i) for i in range(len(configs))]
 
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -346,6 +367,15 @@ def _agree(dp, batch, interrupted: bool) -> tuple[int | None, bool, bool]:
                          device=None if x is None else x.device)
     total = dp.sum(local)
     return int(total[2]), int(total[0]) == dp.world_size, bool(total[1] > 0)
+
+
+def _gather_batch(dp, batch):
+    """Every rank's rows of a served batch (tensor, pair or dict), in rank order."""
+    if isinstance(batch, dict):
+        return {k: _gather_batch(dp, v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_gather_batch(dp, v) for v in batch)
+    return dp.gather(batch.to(getattr(dp, "device", batch.device)))
 
 
 def _first_tensor(batch) -> torch.Tensor:

@@ -58,6 +58,19 @@ def data_parallel(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def dictionary_parallel(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank trains its two of the four dictionaries on the gathered global batches."""
+    from dictionary_learning import train_dictionaries
+
+    join(rank, world, port)
+    mine = [b.chunk(world)[rank] for b in global_batches()]
+    trained = train_dictionaries(iter(mine), configs(), steps=20, save_dir=Path(out) / "run",
+                                 progress=False, shard_dictionaries=True)
+    torch.save({i: d.state_dict() for i, d in enumerate(trained) if d is not None},
+               Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 def cached_run(rank: int, world: int, port: int, cache: str, save_dir: str, die_at: int,
                resume: bool) -> None:
     """Train on this rank's shards of a cache; the source raises after ``die_at`` batches."""

@@ -1,8 +1,10 @@
-"""Data-parallel training on two gloo processes against one process on the same rows: each
+"""Training on two gloo processes against one process on the same rows. Data parallel: each
 rank trains on half of every global batch, and the dictionaries (relu with resampling and
 normalisation, topk, batchtopk, jumprelu) and the logged losses equal single-process
-training on the whole batches; a run on a cache's shards, killed and resumed, ends like an
-uninterrupted one; a rank that dies makes the other stop with an error, not hang."""
+training on the whole batches. Dictionary parallel: each rank trains half of the sweep on
+the gathered batches, equal to the one-process sweep. A run on a cache's shards, killed and
+resumed, ends like an uninterrupted one; a rank that dies makes the other stop with an
+error, not hang."""
 
 import json
 import socket
@@ -61,6 +63,21 @@ def test_data_parallel_equals_one_process_on_the_same_rows(tmp_path):
                 assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), (i, name, a)
     # The resampling and the BatchTopK threshold really ran.
     assert torch.load(tmp_path / "rank0.pt")[2]["threshold"] > 0
+
+
+def test_dictionary_parallel_sweep_equals_the_one_process_sweep(tmp_path):
+    assert spawn(workers.dictionary_parallel, str(tmp_path)) == [0, 0]
+    single = train_dictionaries(iter(workers.global_batches()), workers.configs(), steps=20,
+                                progress=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert sorted(ranks[0]) == [0, 2] and sorted(ranks[1]) == [1, 3]
+    for r, held in enumerate(ranks):
+        for i, state in held.items():
+            for key, value in single[i].state_dict().items():
+                assert torch.equal(state[key], value), (i, key)
+    # Each rank wrote its own dictionaries' folders.
+    for i in range(4):
+        assert (tmp_path / "run" / f"trainer_{i}" / "ae.pt").is_file()
 
 
 def test_killed_distributed_run_on_a_cache_resumes_like_an_uninterrupted_one(

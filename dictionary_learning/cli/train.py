@@ -102,8 +102,16 @@ def resolve_run(args: argparse.Namespace) -> TrainRun:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     train_run = resolve_run(args)
-    print(f"Training on {train_run.submodule} of {train_run.model} "
-          f"({'resuming' if args.resume else 'new run'}; output in {train_run.save_dir})")
+    from ..distributed import init_from_environment, rank_and_world
+
+    init_from_environment(train_run.device)  # under torchrun: join the other processes
+    rank, world = rank_and_world()
+    if rank == 0:
+        print(f"Training on {train_run.submodule} of {train_run.model} "
+              f"({'resuming' if args.resume else 'new run'}; output in {train_run.save_dir})"
+              + (f" on {world} processes ("
+                 f"{'dictionary' if train_run.shard_dictionaries else 'data'} parallel)"
+                 if world > 1 else ""))
     try:
         result = run_training(train_run, resume=args.resume, progress=not args.no_progress,
                               overwrite=args.overwrite)
@@ -112,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt(f"{e}; continue it with: --resume --save-dir "
                                     f"{train_run.save_dir}") from None
         raise
+    if rank != 0:  # rank 0 reports
+        return 0
     rows = []
     for folder, config, m in zip(result.folders, result.configs, result.metrics):
         rows.append({
