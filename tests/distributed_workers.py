@@ -123,3 +123,14 @@ def dies_or_waits(rank: int, world: int, port: int, out: str) -> None:
         outcome = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     outcome["seconds"] = time.time() - start
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def cache_part(rank: int, world: int, port: int, model_dir: str, data: str, out: str) -> None:
+    """This process's part of a cache (what `torchrun ... cache` runs)."""
+    from dictionary_learning.cache.run import CacheRun, run_cache
+
+    join(rank, world, port)
+    run_cache(CacheRun(model=model_dir, data=data, submodule=("1.mlp",), ctx_len=32,
+                       refresh_batch_size=1, skip_texts=5, shard_mb=0.1, out=out),
+              progress=False, announce=lambda line: None)
+    dist.destroy_process_group()

@@ -111,3 +111,34 @@ def test_a_dead_rank_stops_the_other_with_an_error(tmp_path):
     assert outcome["error"] is not None and outcome["seconds"] < 60
     assert "another process of the distributed run stopped" in outcome["error"]
     assert time.time() - start < 90
+
+
+def test_cache_written_by_two_processes_holds_the_rows_of_one(tmp_path, tmp_path_factory):
+    """Each process collects every other document into its own shards; the merged manifest
+    serves the rows (and statistics) one process collects from all of them (one document
+    per forward, so no padding differs)."""
+    from cli_helpers import shared_model_folder, write_jsonl
+    from dictionary_learning.cache import Cache, CachedActivations
+    from dictionary_learning.cache.run import CacheRun, run_cache
+
+    model_dir = shared_model_folder(tmp_path_factory)
+    data = tmp_path / "docs.jsonl"
+    write_jsonl(data, start=300, n=45)
+    both = tmp_path / "both"
+    assert spawn(workers.cache_part, str(model_dir), str(data), str(both)) == [0, 0]
+    one = tmp_path / "one"
+    run_cache(CacheRun(model=str(model_dir), data=str(data), submodule=("1.mlp",), ctx_len=32,
+                       refresh_batch_size=1, skip_texts=5, shard_mb=0.1, out=str(one)),
+              progress=False, announce=lambda line: None)
+    a, b = Cache(both), Cache(one)
+    assert a.n_tokens == b.n_tokens and len(a.manifest["parts"]) == 2
+    assert {s["file"][:10] for s in a.shards} == {"shard_0of2", "shard_1of2"}
+    key = "gpt_neox.layers.1.mlp.output"
+    rows = [torch.cat(list(CachedActivations(c, 500, shuffle=False))) for c in (a, b)]
+    from test_cache import sorted_rows
+
+    assert torch.equal(sorted_rows(rows[0]), sorted_rows(rows[1]))
+    for name in ("count", "mean_norm"):
+        assert a.stats(key)[name] == pytest.approx(b.stats(key)[name], rel=1e-12)
+    torch.testing.assert_close(torch.tensor(a.stats(key)["var"]),
+                               torch.tensor(b.stats(key)["var"]), rtol=1e-9, atol=1e-12)

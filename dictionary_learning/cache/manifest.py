@@ -38,8 +38,17 @@ class CacheError(ValueError):
     """A cache folder that cannot be read (missing, damaged, or not what was asked for)."""
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
+def shard_name(index: int, part: tuple[int, int] | None = None) -> str:
+    """``shard_00007.safetensors``; written by rank 2 of 4 under torchrun,
+    ``shard_2of4_00007.safetensors``."""
+    tag = "" if part is None else f"{part[0]}of{part[1]}_"
+    return f"shard_{tag}{index:05d}.safetensors"
+
+
+def manifest_name(part: tuple[int, int] | None = None) -> str:
+    """The manifest of the whole cache, or of one rank's part of it under torchrun (merged
+    into ``manifest.json`` when every part is complete)."""
+    return MANIFEST if part is None else f"manifest.part{part[0]}of{part[1]}.json"
 
 
 def hook_key(submodule: str, kind: str) -> str:
@@ -86,15 +95,19 @@ class RunningStats:
                    torch.tensor(d["total_sq"], dtype=torch.float64), float(d["norm_total"]))
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict, name: str = MANIFEST) -> None:
     """Rewrite ``manifest.json`` atomically (compact: the statistics are long lists)."""
-    write_json(folder / MANIFEST, manifest, indent=None, compact=True)
+    write_json(folder / name, manifest, indent=None, compact=True)
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict:
     """The manifest of the cache in ``folder``, checked enough that readers can trust it."""
     folder = Path(folder)
-    path = folder / MANIFEST
+    path = folder / name
+    if name == MANIFEST and not path.is_file() and any(folder.glob("manifest.part*.json")):
+        raise CacheError(f"{folder} holds the parts of a cache written by several processes "
+                         "that did not all finish: continue it with the same torchrun command "
+                         "and --resume")
     if not path.is_file():
         what = "does not exist" if not folder.exists() else f"has no {MANIFEST}"
         raise CacheError(f"{folder} {what}: it is not an activation cache; write one with "

@@ -80,26 +80,48 @@ PRESETS = {"demo": dict(model="demo", data="stdlib", submodule=("1.mlp",), pack=
 def run_cache(run: CacheRun, resume: bool = False, overwrite: bool = False,
               progress: bool = True, announce=print) -> dict:
     """Write the cache ``run`` describes; returns its manifest. ``announce`` is told the
-    expected disk use before the collection starts."""
+    expected disk use before the collection starts. Under torchrun each process collects
+    from every world-th document (after the skipped ones) into its own shards, and rank 0
+    merges the parts into one manifest."""
     from ..sources import open_texts, torch_dtype
     from ..submodules import resolve_submodule, submodule_path
     from ..train_run import open_model
     from .writer import write_cache
 
-    model = open_model(run.model, run.device, run.dtype, progress=progress)
+    from ..distributed import barrier, init_from_environment, rank_and_world, rank_device
+
+    init_from_environment(run.device)  # under torchrun: each process writes its own part
+    rank, world = rank_and_world()
+    part = None if world == 1 else (rank, world)
+    model = open_model(run.model, rank_device(run.device), run.dtype,
+                       progress=progress and rank == 0)
     submodules = [submodule_path(model, s) for s in run.submodule]
     for s in submodules:
         resolve_submodule(model, s)  # an unknown name fails here, with nearest names
-    texts = islice(open_texts(run.data, text_field=run.text_field), run.skip_texts, None)
+    texts = islice(open_texts(run.data, text_field=run.text_field), run.skip_texts + rank,
+                   None, world)
+    tokens = run.tokens
+    if tokens is not None and world > 1:  # the first tokens % world parts take one more
+        tokens = tokens // world + (rank < tokens % world)
     info = {"model": run.model, "model_dtype": run.dtype, "data": run.data,
             "text_field": run.text_field, "skip_texts": run.skip_texts,
             "submodule_args": list(run.submodule)}
-    return write_cache(run.out, model, texts, submodules if len(submodules) > 1 else
-                       submodules[0], tokens=run.tokens, io=run.io, ctx_len=run.ctx_len,
+    manifest = write_cache(run.out, model, texts, submodules if len(submodules) > 1 else
+                       submodules[0], tokens=tokens, io=run.io, ctx_len=run.ctx_len,
                        refresh_batch_size=run.refresh_batch_size, pack=run.pack,
                        remove_bos=run.remove_bos,
                        dtype=torch_dtype(run.store_dtype or run.dtype), shard_mb=run.shard_mb, resume=resume, overwrite=overwrite, info=info,
-                       progress=progress, announce=announce)
+                       progress=progress and rank == 0,
+                       announce=announce if rank == 0 else None, part=part)
+    if part is None:
+        return manifest
+    barrier()  # every part is complete
+    if rank == 0:
+        from .writer import merge_parts
+
+        manifest = merge_parts(run.out, world)
+    barrier()
+    return read_manifest(run.out)
 
 
 # TrainRun fields a cache fixes, and the manifest key holding each.

@@ -14,6 +14,7 @@ the rows already written), so its shards are the bytes an uninterrupted run writ
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import zlib
 from collections.abc import Callable, Iterable
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..files import WriteError, atomic_write, check_writable, remove_stale_temps
 from .manifest import (FORMAT, MANIFEST, VERSION, CacheError, RunningStats,
-                       bytes_per_row, hook_key, human_bytes, read_manifest, shard_name,
-                       write_manifest)
+                       bytes_per_row, hook_key, human_bytes, manifest_name, read_manifest,
+                       shard_name, write_manifest)
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
                 dtype: torch.dtype = torch.float32, shard_rows: int | None = None,
                 shard_mb: float = DEFAULT_SHARD_MB, resume: bool = False,
                 overwrite: bool = False, info: dict | None = None,
-                progress: bool = True, announce: Callable[[str], object] | None = None
-                ) -> dict:
+                progress: bool = True, announce: Callable[[str], object] | None = None,
+                part: tuple[int, int] | None = None) -> dict:
     """Collect ``tokens`` activations of ``submodule`` (one or a list, in one forward pass)
     from ``texts`` into the cache folder ``out``; returns its manifest.
 
@@ -78,14 +79,22 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
     collects until the text runs out. ``announce`` (e.g. ``print``) is told the expected
     disk use before the collection starts; a disk without room for it is refused. A folder holding a cache is refused unless
     ``resume`` (continue it: pass the same text from its start; a larger ``tokens`` extends
-    a finished cache) or ``overwrite`` (replace it)."""
+    a finished cache) or ``overwrite`` (replace it).
+
+    ``part=(rank, world)``: this process writes its own shards and part manifest (under
+    torchrun each process collects from its share of the text); :func:`merge_parts` then
+    makes the one ``manifest.json`` readers use."""
     from ..buffer import ActivationBuffer
 
     out = Path(out)
     if tokens is not None and (int(tokens) != tokens or tokens < 1):
         raise ValueError(f"tokens must be a positive integer or None, got {tokens!r}")
     check_writable(out)
-    previous = _previous(out, resume, overwrite)
+    previous = _previous(out, resume, overwrite, part)
+    if part is not None:  # every part has looked at (and cleared) the folder
+        from ..distributed import barrier
+
+        barrier()
     buffer = ActivationBuffer(texts, model, submodule, io=io, n_ctxs=1, ctx_len=ctx_len,
                               refresh_batch_size=refresh_batch_size, dtype=dtype,
                               remove_bos=remove_bos, pack=pack, progress=False)
@@ -122,11 +131,16 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
                          f"tokens={tokens}: give at least that many")
     if remaining is not None:
         if announce is not None:
-            announce(f"Expected disk use: {human_bytes(remaining * row_bytes)} "
-                     f"({remaining:,} tokens x {row_bytes:,} bytes) in {out}")
+            if part is None:
+                announce(f"Expected disk use: {human_bytes(remaining * row_bytes)} "
+                         f"({remaining:,} tokens x {row_bytes:,} bytes) in {out}")
+            else:
+                announce(f"Expected disk use: about {human_bytes(remaining * row_bytes * part[1])}"
+                         f" ({remaining:,} tokens x {row_bytes:,} bytes on each of {part[1]} "
+                         f"processes) in {out}")
         _check_space(out, remaining * row_bytes)
     remove_stale_temps(out)
-    writer = _ShardWriter(out, manifest, stats, hooks, shard_rows)
+    writer = _ShardWriter(out, manifest, stats, hooks, shard_rows, part)
     skip = manifest["resume"]["skip_rows"]
     bar = tqdm(total=tokens, initial=manifest["tokens"], unit="tok", unit_scale=True,
                desc="Caching activations", disable=not progress)
@@ -161,7 +175,7 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
         while (n := min(writer.n_pending, writer.room(remaining), shard_rows)) > 0:
             flush(n)
         manifest["complete"] = True
-        write_manifest(out, manifest)
+        write_manifest(out, manifest, manifest_name(part))
     except WriteError as e:
         raise WriteError(e.errno, f"{e}; the cache holds {len(manifest['shards'])} complete "
                          f"shards ({manifest['tokens']} tokens): free space or choose another "
@@ -177,9 +191,9 @@ class _ShardWriter:
     """Rows waiting for a shard, and the writing of shards and of the manifest."""
 
     def __init__(self, out: Path, manifest: dict, stats: dict[str, RunningStats],
-                 hooks: list[dict], shard_rows: int):
+                 hooks: list[dict], shard_rows: int, part: tuple[int, int] | None = None):
         self.out, self.manifest, self.stats = out, manifest, stats
-        self.hooks, self.shard_rows = hooks, shard_rows
+        self.hooks, self.shard_rows, self.part = hooks, shard_rows, part
         self.chunks: list[_Chunk] = []
         self.written = 0  # rows written by this run
 
@@ -215,7 +229,7 @@ class _ShardWriter:
         tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
         for h in self.hooks:
             self.stats[h["key"]].add(tensors[h["key"]])
-        name = shard_name(len(self.manifest["shards"]))
+        name = shard_name(len(self.manifest["shards"]), self.part)
         data = _shard_bytes(tensors)
         atomic_write(self.out / name, lambda tmp: Path(tmp).write_bytes(data))
         self.written += n
@@ -229,7 +243,7 @@ class _ShardWriter:
         m["stats"] = {k: s.summary() for k, s in self.stats.items()}
         m["resume"] = {"position": first.position, "skip_rows": first.offset,
                        "sums": {k: s.to_json() for k, s in self.stats.items()}}
-        write_manifest(self.out, m)
+        write_manifest(self.out, m, manifest_name(self.part))
 
 
 def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -238,22 +252,59 @@ def _shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
-def _previous(out: Path, resume: bool, overwrite: bool) -> dict | None:
-    """The manifest to continue (``resume``), or ``None`` after clearing/checking ``out``."""
-    exists = (out / MANIFEST).exists()
+def _previous(out: Path, resume: bool, overwrite: bool,
+              part: tuple[int, int] | None = None) -> dict | None:
+    """The manifest to continue (``resume``), or ``None`` after clearing/checking ``out``
+    (a part clears only its own files, and rank 0 the merged manifest)."""
+    name = manifest_name(part)
     if resume:
-        if not exists:
-            raise CacheError(f"nothing to resume: {out} holds no cache ({MANIFEST}); start "
-                             "without --resume")
-        return read_manifest(out)
-    if exists or any(out.glob("shard_*.safetensors")):
+        if not (out / name).exists():
+            raise CacheError(f"nothing to resume: {out} holds no cache ({name}); start "
+                             "without --resume"
+                             + ("" if part is None or not (out / MANIFEST).exists() else
+                                " (it holds a cache written by another number of processes)"))
+        return read_manifest(out, name)
+    if any(out.glob("manifest*.json")) or any(out.glob("shard_*.safetensors")):
         if not overwrite:
             raise CacheError(f"{out} already holds a cache: continue it with --resume, "
                              "replace it with --overwrite, or choose another --out")
-        for p in out.glob("shard_*.safetensors"):
-            p.unlink()
-        (out / MANIFEST).unlink(missing_ok=True)
+        # One process clears everything; a part its own files, and rank 0 what no part owns.
+        for p in [*out.glob("shard_*.safetensors"), *out.glob("manifest*.json")]:
+            owner = re.match(r"(?:shard_|manifest\.part)(\d+)of(\d+)", p.name)
+            if (part is None or (owner and (int(owner[1]), int(owner[2])) == tuple(part))
+                    or (part[0] == 0 and not owner)):
+                p.unlink()
     return None
+
+
+def merge_parts(out: str | Path, world: int) -> dict:
+    """One ``manifest.json`` for the ``world`` complete part manifests in ``out``: their
+    shards in rank order, tokens and texts summed, statistics combined from the float64
+    sums. Returns it."""
+    out = Path(out)
+    parts = [read_manifest(out, manifest_name((r, world))) for r in range(world)]
+    unfinished = [r for r, m in enumerate(parts) if not m["complete"]]
+    if unfinished:
+        raise CacheError(f"ranks {unfinished} of the cache in {out} did not finish: continue "
+                         "it with --resume")
+    stats = {k: RunningStats.from_json(v) for k, v in parts[0]["resume"]["sums"].items()}
+    for m in parts[1:]:
+        for k, v in m["resume"]["sums"].items():
+            other = RunningStats.from_json(v)
+            s = stats[k]
+            stats[k] = RunningStats(s.count + other.count, s.total + other.total,
+                                    s.total_sq + other.total_sq, s.norm_total + other.norm_total)
+    merged = {**parts[0], "complete": True, "shards": [s for m in parts for s in m["shards"]],
+              "tokens": sum(m["tokens"] for m in parts),
+              "texts_read": sum(m["texts_read"] for m in parts),
+              "text_exhausted": any(m["text_exhausted"] for m in parts),
+              "tokens_wanted": sum(m["tokens_wanted"] or 0 for m in parts) or None,
+              "stats": {k: s.summary() for k, s in stats.items()},
+              "parts": [{"rank": r, "world": world, "manifest": manifest_name((r, world)),
+                         "tokens": m["tokens"]} for r, m in enumerate(parts)]}
+    merged.pop("resume")
+    write_manifest(out, merged)
+    return merged
 
 
 def _check_same(previous: dict, manifest: dict, out: Path) -> None:

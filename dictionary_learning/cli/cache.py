@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
           + (" (resuming)" if args.resume else ""))
     manifest = run_cache(cache_run, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress)
+    from ..distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        return 0
     print(f"Wrote {describe(manifest, cache_run.out)}"
           + (" (the text ran out first)" if manifest["text_exhausted"] and cache_run.tokens
              and manifest["tokens"] < cache_run.tokens else ""))
