@@ -126,11 +126,11 @@ def test_stopped_write_resumes_to_the_same_bytes(models, texts, tmp_path, monkey
     real = writer_module.write_manifest
     calls = {"n": 0}
 
-    def dying(folder, manifest):
+    def dying(folder, manifest, name):
         if manifest["shards"] and len(manifest["shards"]) == stop_at + 1 and calls["n"] == 0:
             calls["n"] = 1
             raise KeyboardInterrupt("killed")
-        real(folder, manifest)
+        real(folder, manifest, name)
 
     monkeypatch.setattr(writer_module, "write_manifest", dying)
     with pytest.raises(KeyboardInterrupt):
