@@ -142,3 +142,53 @@ def test_cache_written_by_two_processes_holds_the_rows_of_one(tmp_path, tmp_path
         assert a.stats(key)[name] == pytest.approx(b.stats(key)[name], rel=1e-12)
     torch.testing.assert_close(torch.tensor(a.stats(key)["var"]),
                                torch.tensor(b.stats(key)["var"]), rtol=1e-9, atol=1e-12)
+
+
+def test_torchrun_trains_a_sweep_and_one_process_cannot_resume_it(tmp_path, tmp_path_factory,
+                                                                  capsys):
+    """The command as a user launches it: torchrun, two processes, then the checks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cli_helpers import shared_model_folder, write_jsonl
+    from dictionary_learning.cli import main
+
+    model_dir = shared_model_folder(tmp_path_factory)
+    data = tmp_path / "docs.jsonl"
+    write_jsonl(data, start=300, n=120)
+    args = ["--model", str(model_dir), "--data", str(data), "--submodule", "1.mlp",
+            "--arch", "relu,topk", "--expansion", "4", "--batch-size", "128", "--ctx-len",
+            "32", "--n-ctxs", "40", "--refresh-batch-size", "8", "--warmup-steps", "5",
+            "--eval-texts", "30", "--eval-loss-texts", "8", "--steps", "8", "--save-steps",
+            "4", "--save-dir", str(tmp_path / "run"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", str(free_port()), "-m", "dictionary_learning",
+                           "train", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Evaluation on held-out text") == 1  # rank 0 reports
+    assert "on 2 processes (data parallel)" in done.stdout
+    states = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert states == ["stream_state_8.rank0of2.pt", "stream_state_8.rank1of2.pt"]
+    assert main(["train", "--resume", "--save-dir", str(tmp_path / "run"), "--steps", "12",
+                 "--no-progress"]) == 2
+    assert "checkpointed by 2 processes and this run has 1" in capsys.readouterr().err
+
+
+def test_device_map_auto_trains_on_cpu(tmp_path, tmp_path_factory):
+    from cli_helpers import shared_model_folder, write_jsonl
+    from dictionary_learning.cli import main
+
+    model_dir = shared_model_folder(tmp_path_factory)
+    data = tmp_path / "docs.jsonl"
+    write_jsonl(data, start=300, n=80)
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--device-map",
+                 "auto", "--batch-size", "64", "--ctx-len", "32", "--n-ctxs", "20",
+                 "--eval-texts", "10", "--eval-loss-texts", "4", "--steps", "3",
+                 "--save-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    args = json.loads((tmp_path / "run" / "train_args.json").read_text())
+    assert args["device_map"] == "auto"
