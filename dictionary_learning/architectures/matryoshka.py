@@ -90,7 +90,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         target = x if target is None else target
         x_c = x - self.b_dec
         pre, code, vals = encode_sparse(
-            x_c, self.W_enc, self.b_enc, lambda p: global_batch_topk_code(p, int(self.k), ctx.batch))
+            x_c, self.W_enc, self.b_enc,
+            lambda p: global_batch_topk_code(p, int(self.k), ctx.batch))
         x_hat, prefix_losses, start = self.b_dec.expand_as(target), [], 0
         for end in self.group_ends:
             group, mask = code.restrict(start, end)

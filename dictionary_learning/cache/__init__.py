@@ -6,9 +6,10 @@ as the batches an ``ActivationBuffer`` serves, shuffled and resumable, so
 ``train_dictionaries`` and ``python -m dictionary_learning train --cache DIR`` train from
 either without asking which."""
 
+from .contexts import CacheRows, context_batches, fitting_keys
 from .manifest import CacheError, read_manifest
 from .reader import Cache, CachedActivations
-from .writer import expected_bytes, write_cache
+from .writer import expected_bytes, merge_parts, write_cache
 
-__all__ = ["Cache", "CacheError", "CachedActivations", "expected_bytes", "read_manifest",
-           "write_cache"]
+__all__ = ["Cache", "CacheError", "CacheRows", "CachedActivations", "context_batches",
+           "expected_bytes", "fitting_keys", "merge_parts", "read_manifest", "write_cache"]

@@ -106,13 +106,13 @@ def run_cache(run: CacheRun, resume: bool = False, overwrite: bool = False,
     info = {"model": run.model, "model_dtype": run.dtype, "data": run.data,
             "text_field": run.text_field, "skip_texts": run.skip_texts,
             "submodule_args": list(run.submodule)}
-    manifest = write_cache(run.out, model, texts, submodules if len(submodules) > 1 else
-                       submodules[0], tokens=tokens, io=run.io, ctx_len=run.ctx_len,
-                       refresh_batch_size=run.refresh_batch_size, pack=run.pack,
-                       remove_bos=run.remove_bos,
-                       dtype=torch_dtype(run.store_dtype or run.dtype), shard_mb=run.shard_mb, resume=resume, overwrite=overwrite, info=info,
-                       progress=progress and rank == 0,
-                       announce=announce if rank == 0 else None, part=part)
+    manifest = write_cache(
+        run.out, model, texts, submodules if len(submodules) > 1 else submodules[0],
+        tokens=tokens, io=run.io, ctx_len=run.ctx_len,
+        refresh_batch_size=run.refresh_batch_size, pack=run.pack, remove_bos=run.remove_bos,
+        dtype=torch_dtype(run.store_dtype or run.dtype), shard_mb=run.shard_mb, resume=resume,
+        overwrite=overwrite, info=info, progress=progress and rank == 0,
+        announce=announce if rank == 0 else None, part=part)
     if part is None:
         return manifest
     barrier()  # every part is complete

@@ -77,9 +77,9 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
     ``shard_rows`` tokens (default: as many as fit ``shard_mb`` MiB). ``info`` (model and
     data names, text field, texts skipped) goes into the manifest as given. ``tokens=None``
     collects until the text runs out. ``announce`` (e.g. ``print``) is told the expected
-    disk use before the collection starts; a disk without room for it is refused. A folder holding a cache is refused unless
-    ``resume`` (continue it: pass the same text from its start; a larger ``tokens`` extends
-    a finished cache) or ``overwrite`` (replace it).
+    disk use before the collection starts; a disk without room for it is refused. A folder
+    holding a cache is refused unless ``resume`` (continue it: pass the same text from its
+    start; a larger ``tokens`` extends a finished cache) or ``overwrite`` (replace it).
 
     ``part=(rank, world)``: this process writes its own shards and part manifest (under
     torchrun each process collects from its share of the text); :func:`merge_parts` then
@@ -135,9 +135,9 @@ def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
                 announce(f"Expected disk use: {human_bytes(remaining * row_bytes)} "
                          f"({remaining:,} tokens x {row_bytes:,} bytes) in {out}")
             else:
-                announce(f"Expected disk use: about {human_bytes(remaining * row_bytes * part[1])}"
-                         f" ({remaining:,} tokens x {row_bytes:,} bytes on each of {part[1]} "
-                         f"processes) in {out}")
+                total = human_bytes(remaining * row_bytes * part[1])
+                announce(f"Expected disk use: about {total} ({remaining:,} tokens x "
+                         f"{row_bytes:,} bytes on each of {part[1]} processes) in {out}")
         _check_space(out, remaining * row_bytes)
     remove_stale_temps(out)
     writer = _ShardWriter(out, manifest, stats, hooks, shard_rows, part)
