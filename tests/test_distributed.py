@@ -192,3 +192,14 @@ def test_device_map_auto_trains_on_cpu(tmp_path, tmp_path_factory):
                  "--save-dir", str(tmp_path / "run"), "--no-progress"]) == 0
     args = json.loads((tmp_path / "run" / "train_args.json").read_text())
     assert args["device_map"] == "auto"
+
+
+def test_distributed_benchmark_reports_its_figures():
+    from dictionary_learning.distributed_benchmark import (distributed_benchmark,
+                                                           format_distributed)
+
+    r = distributed_benchmark(d=16, m=64, batch=64, steps=3)
+    assert r["world"] == 2 and r["step_distributed_s"] > 0 and r["allreduce_s"] > 0
+    assert 0 < r["communication_share"] < 1
+    assert r["scaling"] == pytest.approx(r["step_one_process_s"] / r["step_distributed_s"])
+    assert "% of a step" in format_distributed(r)
