@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, port: int, d: int, m: int, batch: int, steps:
         comm.append(time.perf_counter() - start)
     if rank == 0:
         Path(out).write_text(json.dumps({"step": step_times, "allreduce": comm[1:]}))
+    dist.barrier()  # no process leaves while another still talks to it
     dist.destroy_process_group()
 
 

@@ -55,6 +55,7 @@ def data_parallel(rank: int, world: int, port: int, out: str) -> None:
     trained = train_dictionaries(iter(mine), configs(), steps=20, save_dir=Path(out) / "run",
                                  log_steps=1, progress=False)
     torch.save([d.state_dict() for d in trained], Path(out) / f"rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -68,6 +69,7 @@ def dictionary_parallel(rank: int, world: int, port: int, out: str) -> None:
                                  progress=False, shard_dictionaries=True)
     torch.save({i: d.state_dict() for i, d in enumerate(trained) if d is not None},
                Path(out) / f"rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -99,6 +101,7 @@ def cached_run(rank: int, world: int, port: int, cache: str, save_dir: str, die_
     except RuntimeError as e:
         if "killed" not in str(e):
             raise
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -133,4 +136,5 @@ def cache_part(rank: int, world: int, port: int, model_dir: str, data: str, out:
     run_cache(CacheRun(model=model_dir, data=data, submodule=("1.mlp",), ctx_len=32,
                        refresh_batch_size=1, skip_texts=5, shard_mb=0.1, out=out),
               progress=False, announce=lambda line: None)
+    dist.barrier()
     dist.destroy_process_group()
