@@ -138,3 +138,16 @@ def cache_part(rank: int, world: int, port: int, model_dir: str, data: str, out:
               progress=False, announce=lambda line: None)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def uneven(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1's text runs out after 6 batches (the last one short), rank 0's after 10."""
+    from dictionary_learning import train_dictionaries
+
+    join(rank, world, port)
+    mine = [b.chunk(world)[rank] for b in global_batches(10)]
+    if rank == 1:
+        mine = mine[:5] + [mine[5][:7]]
+    train_dictionaries(iter(mine), configs()[:2], save_dir=Path(out) / "run", progress=False)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -204,3 +204,11 @@ def test_distributed_benchmark_reports_its_figures():
     assert r["communication_share"] == pytest.approx(r["allreduce_s"] / r["step_distributed_s"])
     assert r["scaling"] == pytest.approx(r["step_one_process_s"] / r["step_distributed_s"])
     assert "% of a step" in format_distributed(r)
+
+
+def test_ranks_whose_text_ends_at_different_steps_stop_together(tmp_path):
+    assert spawn(workers.uneven, str(tmp_path)) == [0, 0]
+    for i in range(2):
+        run = json.loads((tmp_path / "run" / f"trainer_{i}" / "config.json").read_text())["run"]
+        assert run["steps_done"] == 6 and run["finished"]
+        assert run["activations_trained"] == 5 * 64 + 32 + 7
