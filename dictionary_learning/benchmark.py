@@ -12,6 +12,12 @@
   one host sync) against the whole step it is part of, for the ReLU and TopK dictionaries.
 - sweeps: 4 dictionaries from one stream against one collection + 4 single steps; one
   forward pass for dictionaries on every layer against one buffer per layer.
+- cache: on the same texts, ``write_cache`` (bf16 shards) against the packed buffer's
+  collection; ``CachedActivations`` reading it back (page cache warm; a first pass with its
+  CRC-32 checks, a second pass, ``verify=False``) against that collection rate and, in
+  bytes served, against a large tensor copy measured in the same run; training from the
+  cache against the same steps on the same batches held in memory; disk bytes per token
+  (fp32 and bf16) from the manifests.
 
 Timings alternate between the contenders and report medians; machines are shared and noisy.
 """
@@ -19,7 +25,10 @@ Timings alternate between the contenders and report medians; machines are shared
 from __future__ import annotations
 
 import logging
+import math
+import os
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +37,7 @@ from itertools import islice
 import torch
 
 from .buffer import ActivationBuffer
+from .cache import Cache, CachedActivations, write_cache
 from .cpu_memory import keep_freed_memory
 from .submodules import hidden_states
 from .tiny import stdlib_texts, train_tokenizer
@@ -59,6 +69,10 @@ class Workload:
     dtype: str = "float32"
     keep_freed_memory: bool = True
     """Tune glibc malloc as the command-line entry points do (see ``cpu_memory.py``)."""
+    cache_texts: int = 256
+    """Texts the cache section collects (packed: ~21k tokens of the standard library's)."""
+    cache_shard_rows: int = 4096
+    """Rows per shard of the cache section's cache (4 MiB at d=512 in bf16)."""
 
 
 def build_model(w: Workload):
@@ -437,13 +451,195 @@ def bench_sweeps(model, texts, w: Workload, n_dicts: int = 4) -> dict:
     }
 
 
-SECTIONS = ("buffer", "train_step", "topk_step", "guard", "end_to_end", "sweeps")
-MODEL_SECTIONS = ("buffer", "end_to_end", "sweeps")  # the ones that need the LM
+# -- activation cache -------------------------------------------------------------------------
+
+COPY_BYTES = 2**28  # the tensor copy that stands for this machine's memory bandwidth
+
+
+def _write_seconds(model, path: str, texts: list[str], w: Workload, folder, **kwargs
+                   ) -> tuple[float, dict]:
+    """Seconds to write the packed collection of ``texts`` into a cache, and its manifest."""
+    start = time.perf_counter()
+    manifest = write_cache(folder, model, texts, path, ctx_len=w.ctx_len,
+                           refresh_batch_size=w.refresh_batch_size, pack=True,
+                           overwrite=True, progress=False,
+                           **{"tokens": None, "dtype": torch.bfloat16,
+                              "shard_rows": w.cache_shard_rows, **kwargs})
+    return time.perf_counter() - start, manifest
+
+
+def _drain_seconds(make) -> tuple[float, int]:
+    """Seconds and rows to build a reader with ``make()`` and serve every batch of it."""
+    start = time.perf_counter()
+    source = make()
+    n = 0
+    for batch in source:
+        n += batch.shape[0]
+    _sync(source.device)
+    seconds = time.perf_counter() - start
+    source.close()
+    return seconds, n
+
+
+def _copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    _sync(src.device)
+    start = time.perf_counter()
+    dst.copy_(src)
+    _sync(src.device)
+    return time.perf_counter() - start
+
+
+def bench_cache_collection(model, texts, w: Workload, folder) -> tuple[dict, dict]:
+    """The packed buffer's collection against ``write_cache`` (bf16) on the same texts,
+    alternating; the results and the manifest of the bf16 cache it leaves in ``folder``. A
+    first small fp32 write (also the warm-up) gives the fp32 manifest."""
+    path = f"gpt_neox.layers.{w.layer}.mlp"
+    _, fp32 = _write_seconds(model, path, texts, w, folder, tokens=w.ctx_len,
+                             dtype=torch.float32)
+    buffer_run(model, path, texts[:w.refresh_batch_size], w, pack=True)  # warm-up
+    seconds = {"buffer": [], "write": []}
+    tokens = {}
+    for r in range(w.repeats):
+        for name in (("buffer", "write") if r % 2 == 0 else ("write", "buffer")):
+            if name == "buffer":
+                t, tokens["buffer"] = buffer_run(model, path, texts, w, pack=True)
+            else:
+                t, manifest = _write_seconds(model, path, texts, w, folder)
+                tokens["write"] = manifest["tokens"]
+            seconds[name].append(t)
+    buffer_tps = tokens["buffer"] / _median(seconds["buffer"])
+    write_tps = tokens["write"] / _median(seconds["write"])
+    on_disk = sum(s["bytes"] for s in manifest["shards"])
+    return {
+        "tokens": tokens["write"], "buffer_tokens": tokens["buffer"],
+        "shards": len(manifest["shards"]), "shard_rows": manifest["shard_rows"],
+        "buffer_tokens_per_s": buffer_tps, "write_tokens_per_s": write_tps,
+        "write_vs_buffer": write_tps / buffer_tps,
+        "write_vs_buffer_per_repeat": [b / t for b, t in zip(seconds["buffer"],
+                                                             seconds["write"])],
+        "bytes_per_token": {"float32": fp32["bytes_per_token"],
+                            "bfloat16": manifest["bytes_per_token"]},
+        "shard_bytes_per_token_bf16": on_disk / manifest["tokens"],
+        "seconds": seconds,
+    }, manifest
+
+
+def bench_cache_read(folder, w: Workload, manifest: dict, repeats: int) -> dict:
+    """``CachedActivations`` draining the cache once (default window: the whole cache, up to
+    2^18 rows; its construction timed too), page cache warm, against a ``COPY_BYTES``
+    tensor copy; per repeat, in a rotating order: a fresh ``Cache`` (verify="first": its
+    first pass checks every CRC-32) then a second pass on the same ``Cache`` (checked
+    already), a fresh ``verify=False`` one, the copy."""
+    src = torch.ones(COPY_BYTES // 4, device=w.device)
+    dst = torch.zeros_like(src)
+    width = sum(h["width"] for h in manifest["hooks"])
+    row_bytes = width * getattr(torch, manifest["dtype"]).itemsize  # served, per token
+    seconds = {"first": [], "second": [], "unverified": [], "copy": []}
+    served = {}
+
+    def first_and_second(r):
+        cache = Cache(folder, verify="first")
+        for name in ("first", "second"):
+            t, served[name] = _drain_seconds(lambda: CachedActivations(
+                cache, w.train_batch, seed=r, device=w.device))
+            seconds[name].append(t)
+
+    def unverified(r):
+        t, served["unverified"] = _drain_seconds(lambda: CachedActivations(
+            Cache(folder, verify=False), w.train_batch, seed=r, device=w.device))
+        seconds["unverified"].append(t)
+
+    def copy(r):
+        seconds["copy"].append(_copy_seconds(src, dst))
+
+    steps = [first_and_second, unverified, copy]
+    for step in steps:  # warm-up
+        step(-1)
+    for v in seconds.values():
+        v.clear()
+    for r in range(repeats):
+        shift = r % len(steps)
+        for step in steps[shift:] + steps[:shift]:
+            step(r)
+    copy_bps = COPY_BYTES / _median(seconds["copy"])
+    out = {"window": min(2**18, manifest["tokens"]), "batch_size": w.train_batch,
+           "served_bytes_per_token": row_bytes, "copy_bytes": COPY_BYTES,
+           "copy_bytes_per_s": copy_bps, "repeats": repeats, "seconds": seconds}
+    for name in ("first", "second", "unverified"):
+        tps = served[name] / _median(seconds[name])
+        out[name] = {"tokens": served[name], "tokens_per_s": tps,
+                     "batches_per_s": tps / w.train_batch,
+                     "bytes_per_s": tps * row_bytes,
+                     "vs_copy": tps * row_bytes / copy_bps}
+    return out
+
+
+def bench_cache_training(folder, w: Workload, n_tokens: int) -> dict:
+    """``train_dictionaries`` for ``train_steps`` steps on ``CachedActivations`` (built inside
+    the timing) against the same steps on the same batches already in a list, alternating."""
+    steps = w.train_steps
+    epochs = math.ceil(steps * w.train_batch / n_tokens) + 1
+    config = TrainerConfig(w.d_model, w.dict_size, warmup_steps=1)
+
+    def source():
+        return CachedActivations(folder, w.train_batch, epochs=epochs, seed=0,
+                                 device=w.device)
+
+    first = source()
+    in_memory = list(islice(first, steps))
+    first.close()
+
+    def run(name):
+        start = time.perf_counter()  # the reader's construction counts
+        batches = source() if name == "cache" else iter(in_memory)
+        train_dictionaries(batches, [config], steps=steps, device=w.device, progress=False)
+        _sync(w.device)
+        seconds = time.perf_counter() - start
+        if name == "cache":
+            batches.close()
+        return seconds
+
+    train_dictionaries(iter(in_memory[:1]), [config], steps=1, device=w.device,
+                       progress=False)  # warm-up
+    seconds = {"cache": [], "memory": []}
+    for r in range(w.repeats):
+        for name in (("cache", "memory") if r % 2 == 0 else ("memory", "cache")):
+            seconds[name].append(run(name))
+    tokens = steps * w.train_batch
+    tps = {name: tokens / _median(s) for name, s in seconds.items()}
+    return {"steps": steps, "epochs": epochs, "cache_tokens_per_s": tps["cache"],
+            "memory_tokens_per_s": tps["memory"],
+            "cache_vs_memory": tps["cache"] / tps["memory"],
+            "cache_vs_memory_per_repeat": [m / c for c, m in zip(seconds["cache"],
+                                                                seconds["memory"])],
+            "seconds": seconds}
+
+
+def bench_cache(model, texts, w: Workload, folder=None) -> dict:
+    """Writing, reading and training from an activation cache of the workload's layer, each
+    against its own limit (``folder``: where the cache goes; a temporary one by default)."""
+    with tempfile.TemporaryDirectory(prefix="dl-bench-cache-") as tmp:
+        folder = folder or f"{tmp}/cache"
+        collection, manifest = bench_cache_collection(model, texts, w, folder)
+        read = bench_cache_read(folder, w, manifest, repeats=5 * w.repeats)
+        training = bench_cache_training(folder, w, manifest["tokens"])
+    for name in ("first", "second", "unverified"):
+        read[name]["vs_buffer"] = (read[name]["tokens_per_s"]
+                                   / collection["buffer_tokens_per_s"])
+    per_token = collection["bytes_per_token"]
+    return {"d": w.d_model, "collection": collection, "read": read, "training": training,
+            "disk_bytes_per_token": per_token,
+            "disk_bytes_100m_tokens": {k: 100_000_000 * v for k, v in per_token.items()}}
+
+
+SECTIONS = ("buffer", "train_step", "topk_step", "guard", "end_to_end", "sweeps", "cache")
+MODEL_SECTIONS = ("buffer", "end_to_end", "sweeps", "cache")  # the ones that need the LM
 
 
 def run_all(w: Workload, sections=SECTIONS) -> dict:
     """Every measurement on the workload, in one process."""
     results = {"workload": asdict(w), "torch_threads": torch.get_num_threads(),
+               "load_average_at_start": os.getloadavg()[0],  # other work on a shared machine
                "malloc_keeps_freed_memory": keep_freed_memory() if w.keep_freed_memory
                else False}
     unknown = set(sections) - set(SECTIONS)
@@ -453,7 +649,8 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
     if set(sections) & set(MODEL_SECTIONS):
         logger.info("building the model")
         model = build_model(w)
-        texts = list(islice(stdlib_texts(), w.n_texts))
+        all_texts = list(islice(stdlib_texts(), max(w.n_texts, w.cache_texts)))
+        texts = all_texts[:w.n_texts]
     if "buffer" in sections:
         logger.info("buffer throughput")
         results["buffer"] = bench_buffer(model, texts, w)
@@ -472,6 +669,9 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
     if "sweeps" in sections:
         logger.info("sweeps")
         results["sweeps"] = bench_sweeps(model, texts, w)
+    if "cache" in sections:
+        logger.info("activation cache: write, read, train")
+        results["cache"] = bench_cache(model, all_texts[:w.cache_texts], w)
     return results
 
 
@@ -519,5 +719,35 @@ def format_table(results: dict) -> str:
                   f"(deepest layer alone {s['collect_deepest_layer_alone_s']:.1f} s)"),
                  (f"train {s['layers']} layers", f"{s['train_all_layers_s']:.1f} s = "
                   f"{s['train_all_layers_vs_parts']:.3f} x (one pass + steps)")]
+    if "cache" in results:
+        rows += _cache_rows(results["cache"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _cache_rows(c: dict) -> list[tuple[str, str]]:
+    col, read, tr = c["collection"], c["read"], c["training"]
+    rows = [("cache: packed buffer tokens/s", f"{col['buffer_tokens_per_s']:.0f} "
+             f"({col['tokens']} tokens, {col['shards']} bf16 shards of {col['shard_rows']})"),
+            ("write_cache (bf16) / buffer", f"{col['write_tokens_per_s']:.0f} tokens/s = "
+             f"{col['write_vs_buffer']:.3f}x  (target >= 0.9)"),
+            (f"memory copy (torch, {read['copy_bytes'] // 2**20} MiB)",
+             f"{read['copy_bytes_per_s'] / 1e9:.2f} GB/s")]
+    for name, label in (("first", "first pass, verify='first' (CRC-32)"),
+                        ("second", "second pass (CRC-32 done)"),
+                        ("unverified", "verify=False")):
+        r = read[name]
+        rows += [(f"read {label}", f"{r['tokens_per_s']:.0f} tokens/s = "
+                  f"{r['vs_buffer']:.1f}x buffer (target >= 20); "
+                  f"{r['bytes_per_s'] / 1e9:.2f} GB/s = {r['vs_copy']:.3f}x copy "
+                  f"(target >= 0.5)")]
+    rows += [(f"train from cache / in memory ({tr['steps']} steps)",
+              f"{tr['cache_tokens_per_s']:.0f} vs {tr['memory_tokens_per_s']:.0f} tokens/s = "
+              f"{tr['cache_vs_memory']:.3f}x  (target >= 0.95)")]
+    per, big = c["disk_bytes_per_token"], c["disk_bytes_100m_tokens"]
+    rows += [(f"disk per token, d={c['d']}", f"fp32 {per['float32']} B, bf16 {per['bfloat16']} B"
+              f" (token id + position included)"),
+             (f"100M-token cache, d={c['d']}", f"fp32 {big['float32'] / 1e9:.1f} GB "
+              f"({big['float32'] / 2**30:.1f} GiB), bf16 {big['bfloat16'] / 1e9:.1f} GB "
+              f"({big['bfloat16'] / 2**30:.1f} GiB)")]
+    return rows

@@ -1,11 +1,13 @@
 """Measure the toolkit against its limits, in one run: buffer vs a plain forward hook,
 training step vs the matmul rate, TopK vs ReLU step, the non-finite guard vs the step,
-end to end with peak memory, and sweeps.
+end to end with peak memory, sweeps, and the activation cache (writing vs the buffer,
+reading vs the buffer and a memory copy, training from it vs from memory, disk per token).
 
     python scripts/benchmark.py                   # Pythia-70m-shaped random model, CPU
     python scripts/benchmark.py --quick           # small sizes, a smoke test
     python scripts/benchmark.py --device cuda --dtype bfloat16 --json out.json
     python scripts/benchmark.py --sections guard --json /tmp/guard.json
+    python scripts/benchmark.py --sections cache --cache-texts 512   # a larger cache
 
 Prints a table and writes the full results as JSON (medians over alternating repeats).
 """
@@ -22,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dictionary_learning.benchmark import SECTIONS, Workload, format_table, run_all  # noqa: E402
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256, vocab_size=8192, dict_size=512,
-             train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2)
+             train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2,
+             cache_texts=32, cache_shard_rows=512)
 
 
 def main() -> int:

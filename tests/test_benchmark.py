@@ -70,3 +70,44 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert result.stdout.strip() == str(expected)
     assert callable(keep_freed_memory)
+
+
+def test_benchmark_cache_section_reports_write_read_train_and_disk(tmp_path):
+    import math
+
+    out = tmp_path / "cache.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick",
+                             "--sections", "cache", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert "buffer" not in results and "train_step" not in results  # only what was asked
+    c, w = results["cache"], results["workload"]
+    col, read, train = c["collection"], c["read"], c["training"]
+    # The same texts, packed the same way: the buffer and the cache hold the same tokens.
+    assert col["tokens"] == col["buffer_tokens"] > w["train_batch"]
+    assert col["shards"] == math.ceil(col["tokens"] / w["cache_shard_rows"])
+
+    def positive(x):
+        return isinstance(x, float) and math.isfinite(x) and x > 0
+
+    assert positive(col["write_vs_buffer"]) and positive(read["copy_bytes_per_s"])
+    assert len(col["write_vs_buffer_per_repeat"]) == w["repeats"]
+    for name in ("first", "second", "unverified"):
+        r = read[name]
+        assert r["tokens"] == col["tokens"]  # one pass serves every cached row once
+        assert all(positive(r[k]) for k in ("tokens_per_s", "vs_buffer", "vs_copy"))
+        assert math.isclose(r["vs_buffer"], r["tokens_per_s"] / col["buffer_tokens_per_s"])
+        assert math.isclose(r["bytes_per_s"], r["tokens_per_s"] * 2 * w["d_model"])  # bf16
+    assert len(read["seconds"]["copy"]) == read["repeats"] == 5 * w["repeats"]
+    assert train["steps"] == w["train_steps"] and positive(train["cache_vs_memory"])
+    # Disk: d values of 4 or 2 bytes plus the int32 token id and position, per token.
+    d = w["d_model"]
+    assert c["disk_bytes_per_token"] == {"float32": 4 * d + 8, "bfloat16": 2 * d + 8}
+    assert c["disk_bytes_100m_tokens"] == {"float32": 10**8 * (4 * d + 8),
+                                           "bfloat16": 10**8 * (2 * d + 8)}
+    # Shards add only their headers to the rows' bytes.
+    assert 2 * d + 8 < col["shard_bytes_per_token_bf16"] < 2 * d + 8 + 1
+    for label in ("write_cache (bf16) / buffer", "read first pass", "read verify=False",
+                  "train from cache / in memory", "100M-token cache, d=64"):
+        assert label in result.stdout, label
