@@ -186,13 +186,28 @@ _CLASS_BY_KEYS = {
 }
 
 
+# The key set each of those classes loads (BatchTopKSAE shares AutoEncoderTopK's).
+_KEYS_OF_CLASS = {name: keys for keys, name in _CLASS_BY_KEYS.items()}
+_KEYS_OF_CLASS["BatchTopKSAE"] = _KEYS_OF_CLASS["AutoEncoderTopK"]
+
+
 def _class_name(config: dict, state_dict: dict) -> str:
     """The class named by the config (nested ``trainer.dict_class`` or flat ``dict_class``),
-    else the one whose published keys the state_dict has."""
+    else the one whose published keys the state_dict has. A config naming a class whose
+    published keys differ from the file's, when the keys are another class's (upstream's
+    ``StandardTrainer(dict_class=AutoEncoderNew)`` writes ``"dict_class": "AutoEncoder"``),
+    gives the class of the keys, with a logged warning."""
     trainer = config.get("trainer", config)
-    if "dict_class" in trainer:
-        return trainer["dict_class"]
     keys = frozenset(state_dict)
+    if "dict_class" in trainer:
+        named = trainer["dict_class"]
+        by_keys = _CLASS_BY_KEYS.get(keys)
+        if by_keys is not None and named in _KEYS_OF_CLASS and keys != _KEYS_OF_CLASS[named]:
+            logger.warning("config.json names %s, but the weights have the keys of %s "
+                           "(%s): loading as %s", named, by_keys, ", ".join(sorted(keys)),
+                           by_keys)
+            return by_keys
+        return named
     if keys in _CLASS_BY_KEYS:
         name = _CLASS_BY_KEYS[keys]
         if name == "AutoEncoderTopK":
@@ -202,6 +217,46 @@ def _class_name(config: dict, state_dict: dict) -> str:
         return name
     raise ValueError(f"cannot tell which dictionary class has keys {sorted(keys)}; "
                      "add a config.json naming trainer.dict_class")
+
+
+OWN_TRAINER_CLASS = "Trainer"  # what this package writes as trainer.trainer_class
+
+
+def _written_upstream(config: dict) -> bool:
+    """Whether ``config.json`` is upstream's: its trainer section names one of upstream's
+    trainer classes (``StandardTrainer``, ``StandardTrainerAprilUpdate``, ...), not ours."""
+    trainer = config.get("trainer", config)
+    return trainer.get("trainer_class", OWN_TRAINER_CLASS) != OWN_TRAINER_CLASS
+
+
+def _normalize_decoder_as_upstream(ae, weights: Path) -> None:
+    """Upstream's ``AutoEncoder.from_pretrained`` (and so its ``load_dictionary``) rescales
+    a decoder whose columns are not unit norm (``StandardTrainerAprilUpdate`` leaves them
+    free) to unit norm, multiplying each feature's encoder row and bias by its norm: the
+    reconstruction is unchanged and the features are those upstream computes. Done
+    likewise here for upstream's folders (``normalize_decoder``: ``None`` = only those,
+    ``True`` = any ``AutoEncoder``, ``False`` = never)."""
+    norms = ae.W_dec.detach().norm(dim=-1)
+    if torch.allclose(norms, torch.ones_like(norms)):  # upstream's test, its tolerances
+        return
+    logger.info("%s: decoder columns are not unit norm (%.3g to %.3g): normalised as "
+                "upstream's loader does, the scale folded into the encoder "
+                "(normalize_decoder=False keeps them)", weights, float(norms.min()),
+                float(norms.max()))
+    ae.normalize_decoder()
+
+
+def _warn_unestimated_threshold(ae, config: dict, weights: Path) -> None:
+    """An upstream batch-top-k file whose threshold was never estimated (a run shorter than
+    upstream's ``threshold_start_step``): say what it encodes with. (Our folders say it in
+    ``config.json``'s ``run.inference``; only untrained ones have -1.)"""
+    if not callable(getattr(ae, "inference_state_dict", None)) or float(ae.threshold) >= 0:
+        return
+    if not _written_upstream(config):
+        return
+    logger.warning("%s: threshold = -1, never estimated by the run that wrote it: this "
+                   "encodes each token's top k=%d (upstream's encode would keep every "
+                   "positive pre-activation, far more than k)", weights, int(ae.k))
 
 
 def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -287,11 +342,17 @@ def _load_own(weights: Path, obj, widths: dict, strict: bool = False):
     state_dict = _check_state_dict(read_pickle(weights) if obj is None else obj, weights)
     widths = dict(widths)
     forced = widths.pop("dict_class", None)
+    normalize = widths.pop("normalize_decoder", None)
     try:
         cls = get_dictionary_class(forced or _class_name(config, state_dict))
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from e
     dictionary = load_into(cls, state_dict, weights, **widths)
+    if normalize is None:  # as the tool that wrote it loads it
+        normalize = _written_upstream(config)
+    if normalize and cls.__name__ == "AutoEncoder":
+        _normalize_decoder_as_upstream(dictionary, weights)
+    _warn_unestimated_threshold(dictionary, config, weights)
     for name, value in widths.items():
         if getattr(dictionary, name, value) != value:
             raise ValueError(f"{weights}: {name} is {getattr(dictionary, name)} in the weights, "

@@ -23,6 +23,12 @@ when the folder is next opened. Nothing non-finite is written: a dictionary hold
 inf raises :class:`~dictionary_learning.trainer.NonFiniteError` instead. ``config.json`` of
 a finished run records the SHA-256 of ``ae.pt`` (``{"sha256": {"ae.pt": ...}}``), which
 the loader checks.
+
+Batch-top-k dictionaries (BatchTopK, Matryoshka) are written with the inference threshold
+they encode with (``inference_state_dict``: the running average, or for a run shorter than
+``threshold_start_step`` the estimate of the steps it trained), never with the unestimated
+-1 while one exists; ``config.json``'s ``run.inference`` says which rule and where the
+threshold came from.
 """
 
 from __future__ import annotations
@@ -184,6 +190,7 @@ class CheckpointWriter:
             trainer_section["l1_penalty"] = trainer.config.sparsity_penalty
         trainer_section.setdefault("layer", _layer(run_info.get("submodule_name")))
         self.trainer_section = trainer_section
+        self.inference_note = None  # how the last weights written encode (batch top-k)
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.folder)
         remove_stale_temps(self.folder / "checkpoints")
@@ -212,6 +219,8 @@ class CheckpointWriter:
                 "versions": versions(),
             },
         }
+        if self.inference_note is not None:
+            config["run"]["inference"] = self.inference_note
         if weights_sha256 is not None:
             config["sha256"] = {WEIGHTS_NAME: weights_sha256}
         save_json(config, self.folder / CONFIG_NAME)
@@ -223,7 +232,13 @@ class CheckpointWriter:
             f.write(line + "\n")
 
     def _raw_state_dict(self, what: str) -> dict:
-        state_dict = self.trainer.raw_dictionary().state_dict()
+        """The state_dict to write: the dictionary on raw activations, with the inference
+        threshold it encodes with where it has one (``inference_state_dict``)."""
+        dictionary = self.trainer.raw_dictionary()
+        if callable(getattr(dictionary, "inference_state_dict", None)):
+            state_dict, self.inference_note = dictionary.inference_state_dict()
+        else:
+            state_dict = dictionary.state_dict()
         check_finite(state_dict, what)
         return state_dict
 

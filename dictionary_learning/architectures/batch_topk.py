@@ -10,6 +10,11 @@ from ..sparse import global_batch_topk_code
 from .topk import AutoEncoderTopK
 
 
+# Horizon of the estimate kept before ``threshold_start_step`` (about the last 10 batches):
+# it is what a dictionary saved before the running average started encodes with.
+EARLY_THRESHOLD_BETA = 0.9
+
+
 def threshold_encode(post: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
     """Inference encoding of the batch-top-k family: ``post * (post > threshold)`` once the
     threshold is estimated (``>= 0``); before that, each token's ``k`` largest of ``post``."""
@@ -27,6 +32,7 @@ def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: floa
     min``; a batch with no positive activation contributes 0 (as upstream)."""
     active = batch.min(features.masked_fill(features <= 0, float("inf")).amin())
     current = torch.where(torch.isinf(active), torch.zeros_like(active), active).float()
+    current = current.to(threshold.device)  # a restored counter may sit on another device
     if threshold < 0:
         threshold.copy_(current)
     else:
@@ -36,10 +42,61 @@ def update_threshold(threshold: torch.Tensor, features: torch.Tensor, beta: floa
 def count_step_and_update_threshold(sae, features: torch.Tensor, batch: Batch = LOCAL
                                      ) -> None:
     """After a training step of a batch-top-k dictionary: count the step and, once more than
-    ``sae.threshold_start_step`` steps have passed, fold the batch into the threshold."""
+    ``sae.threshold_start_step`` steps have passed, fold the batch into the threshold;
+    before that, into the short-horizon estimate ``sae.early_threshold``
+    (``EARLY_THRESHOLD_BETA``), which a run that stops early is encoded and saved with."""
     sae._steps_seen += 1
     if sae._steps_seen > sae.threshold_start_step:
         update_threshold(sae.threshold, features, sae.threshold_beta, batch)
+    else:
+        update_threshold(sae.early_threshold, features, EARLY_THRESHOLD_BETA, batch)
+
+
+def add_early_threshold(sae) -> None:
+    """Register ``early_threshold`` (-1: no step yet) as a buffer outside the state_dict,
+    so ``ae.pt`` keeps the published keys; the trainer state saves it as a counter."""
+    sae.register_buffer("early_threshold", torch.tensor(-1.0), persistent=False)
+
+
+def inference_threshold(sae) -> torch.Tensor:
+    """The threshold ``encode`` uses: the running average once estimated, else the early
+    estimate of the steps trained so far (-1 when there is none: per-token top-k)."""
+    return torch.where(sae.threshold >= 0, sae.threshold,
+                       sae.early_threshold.to(sae.threshold.device))
+
+
+@torch.no_grad()
+def scale_early_threshold(sae, scale: float) -> None:
+    if sae.early_threshold >= 0:
+        sae.early_threshold.mul_(scale)
+
+
+def inference_state_dict(sae) -> tuple[dict, dict]:
+    """``(state_dict, note)`` to save: the state_dict with ``threshold`` set to the one
+    ``encode`` uses (a dictionary trained fewer than ``threshold_start_step`` steps is saved
+    with its early estimate, so every loader, upstream's too, encodes it as here), and a
+    note for ``config.json`` saying which inference rule the file holds and where its
+    threshold came from. Training resumes from the trainer state, whose ``threshold`` stays
+    the running average's (-1 until it starts)."""
+    state_dict = sae.state_dict()
+    steps, start = sae._steps_seen, sae.threshold_start_step
+    if float(sae.threshold) >= 0:
+        note = {"rule": "threshold", "threshold": float(sae.threshold),
+                "estimated_from": f"running average (beta {sae.threshold_beta}) of each "
+                                  f"batch's smallest selected activation after step {start}"}
+    elif float(sae.early_threshold) >= 0:
+        state_dict["threshold"] = sae.early_threshold.detach().clone().to(
+            state_dict["threshold"])
+        note = {"rule": "threshold", "threshold": float(sae.early_threshold),
+                "estimated_from": f"the {steps} steps trained, before threshold_start_step="
+                                  f"{start}: running average (beta {EARLY_THRESHOLD_BETA}) of "
+                                  "each batch's smallest selected activation"}
+    else:
+        note = {"rule": "per-token top-k", "k": int(sae.k),
+                "reason": "no training step estimated a threshold (threshold = -1 in the "
+                          "file): this package encodes each token's top k; upstream's "
+                          "loader would keep every positive pre-activation"}
+    return state_dict, note
 
 
 @register
@@ -50,8 +107,11 @@ class BatchTopKSAE(AutoEncoderTopK):
 
     ``post = relu(encoder(x - b_dec))``; training: ``f`` = the top ``k * B`` entries of
     ``post`` over the batch; inference (``encode``): ``f = post * (post > threshold)``.
-    ``threshold = -1`` means not estimated yet: ``encode`` then falls back to each
-    token's top ``k`` (upstream would return all of ``post``).
+    ``threshold = -1`` means not estimated yet: ``encode`` then uses the estimate of the
+    steps trained before ``threshold_start_step`` (``early_threshold``, a running average
+    over about the last 10 batches), or with no step at all each token's top ``k``
+    (upstream would return all of ``post``). A folder is saved with the threshold
+    ``encode`` uses (:func:`inference_state_dict`) and ``config.json`` says which.
     ``x_hat = decoder(f) + b_dec``. Stored: the keys of :class:`AutoEncoderTopK`.
 
     The threshold is updated after each optimizer step (``apply_constraints``) from the
@@ -63,7 +123,7 @@ class BatchTopKSAE(AutoEncoderTopK):
     Loss: as :class:`AutoEncoderTopK` (``mse`` + ``auxk``).
     """
 
-    _training_counters = ("_steps_seen",)
+    _training_counters = ("_steps_seen", "early_threshold")
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, auxk_alpha: float = 1 / 32,
                  k_aux: int | None = None, threshold_beta: float = 0.999,
@@ -74,9 +134,18 @@ class BatchTopKSAE(AutoEncoderTopK):
         self.threshold_beta = float(threshold_beta)
         self.threshold_start_step = int(threshold_start_step)
         self._steps_seen = 0
+        add_early_threshold(self)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return threshold_encode(self.pre_activations(x), self.threshold, int(self.k))
+        return threshold_encode(self.pre_activations(x), inference_threshold(self), int(self.k))
+
+    def inference_state_dict(self) -> tuple[dict, dict]:
+        return inference_state_dict(self)
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        super().scale_biases(scale)
+        scale_early_threshold(self, scale)
 
     def select(self, pre: torch.Tensor, batch: Batch = LOCAL):
         return global_batch_topk_code(pre, int(self.k), batch)

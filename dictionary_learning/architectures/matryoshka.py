@@ -10,7 +10,9 @@ from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width,
 from ..geometry import geometric_median
 from ..registry import register
 from ..sparse import auxk_loss, encode_sparse, global_batch_topk_code, sparse_decode
-from .batch_topk import count_step_and_update_threshold, threshold_encode
+from .batch_topk import (add_early_threshold, count_step_and_update_threshold,
+                         inference_state_dict, inference_threshold, scale_early_threshold,
+                         threshold_encode)
 from .topk import check_k
 
 
@@ -21,7 +23,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
 
     ``post = relu((x - b_dec) @ W_enc + b_enc)``; training keeps the top ``k * B``
     entries of the batch; inference ``f = post * (post > threshold)`` (``threshold = -1``,
-    not yet estimated: each token's top ``k``); ``x_hat = f @ W_dec + b_dec``.
+    not yet estimated: the early estimate of a short run, else each token's top ``k``, as
+    :class:`BatchTopKSAE`); ``x_hat = f @ W_dec + b_dec``.
     Stored (published layout): ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]`` (unit
     rows), ``b_dec [d]``, buffers ``k``, ``threshold``, ``group_sizes [n_groups]``.
     Note: attribute access ``self.W_enc`` is the accessor layout ``[m, d]`` of ``base.py``;
@@ -38,7 +41,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
 
     _feature_axis = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
     _roles = {"W_dec": "W_dec", "W_enc": "W_enc", "b_enc": "b_enc"}
-    _training_counters = ("_steps_seen",)
+    _training_counters = ("_steps_seen", "early_threshold")
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
                  auxk_alpha: float = 1 / 32, k_aux: int | None = None,
@@ -60,6 +63,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         self.register_buffer("k", torch.tensor(check_k(k, dict_size), dtype=torch.int))
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("group_sizes", torch.tensor(group_sizes))
+        add_early_threshold(self)
         self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.W_dec = nn.Parameter(torch.empty(dict_size, activation_dim))
@@ -76,7 +80,11 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         return torch.relu(nn.functional.linear(x - self.b_dec, self.W_enc, self.b_enc))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return threshold_encode(self.pre_activations(x), self.threshold, int(self.k))
+        return threshold_encode(self.pre_activations(x), inference_threshold(self), int(self.k))
+
+    def inference_state_dict(self) -> tuple[dict, dict]:
+        """As :meth:`BatchTopKSAE.inference_state_dict`."""
+        return inference_state_dict(self)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         check_width(f, self.dict_size, "MatryoshkaBatchTopKSAE.decode")
@@ -122,6 +130,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         self.b_dec.mul_(scale)
         if self.threshold >= 0:
             self.threshold.mul_(scale)
+        scale_early_threshold(self, scale)
 
     def config(self) -> dict:
         return {**super().config(), "k": int(self.k), "group_sizes": self.group_sizes.tolist(),

@@ -52,6 +52,7 @@ def _weights(ae) -> tuple[str, bool, dict, dict]:
                                "b_mag": sd["mag_bias"], "r_mag": sd["r_mag"],
                                "W_dec": sd["decoder.weight"].T, "b_dec": sd["decoder_bias"]}, {}
     if name in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
+        sd = ae.inference_state_dict()[0]  # the threshold encode uses (a short run's too)
         t = float(sd["threshold"])
         if t < 0:
             raise ValueError(f"{name} has no inference threshold yet (threshold={t}): it "
