@@ -140,16 +140,13 @@ def test_saelens_folder_matches_formula(tmp_path, arch, a, norm):
     w, cfg = saelens_weights(arch), v6_cfg(arch, a, norm)
     folder = write_saelens(tmp_path / "sae", w, cfg)
     per_token = norm in ("layer_norm", "constant_norm_rescale")
-    if arch == "gated" and per_token:
-        with pytest.raises(ValueError, match="gated SAEs with .* not supported"):
-            load_dictionary(folder)
-        return
     options = {"norm_scaling_factor": 2.5} if norm == "expected_average_only_in" else {}
     if options:
         with pytest.raises(ValueError, match="pass norm_scaling_factor"):
             load_dictionary(folder)
     ae, config = load_dictionary(folder, **options)
-    expected = "TokenNormalizedSAE" if per_token else EXPECTED_CLASS[arch, a]
+    expected = ("TokenNormalizedGatedSAE" if arch == "gated" else "TokenNormalizedSAE") \
+        if per_token else EXPECTED_CLASS[arch, a]
     assert type(ae).__name__ == expected and (ae.activation_dim, ae.dict_size) == (D, M)
     assert config["format"] == "saelens" and config["architecture"] == arch
     assert config["hook_name"] == "blocks.3.hook_resid_pre" and config["cfg"] == cfg

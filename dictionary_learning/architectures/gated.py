@@ -1,6 +1,10 @@
-"""The gated autoencoder (Rajamanoharan et al. 2024; upstream's ``GatedAutoEncoder``)."""
+"""The gated autoencoder (Rajamanoharan et al. 2024; upstream's ``GatedAutoEncoder``), and
+its per-token normalised variant (SAELens gated SAEs with ``layer_norm`` or
+``constant_norm_rescale``)."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -8,6 +12,7 @@ import torch.nn as nn
 from ..base import (Dictionary, LossContext, LossOutput, check_keys, check_width, l1_loss,
                     reconstruction_loss)
 from ..registry import register
+from .token_normalized import NORMALIZATIONS, TokenNormalizedSAE
 
 
 @register
@@ -90,5 +95,83 @@ class GatedAutoEncoder(Dictionary):
                                      "mag_bias", "decoder.weight"})
         dict_size, activation_dim = state_dict["encoder.weight"].shape
         ae = cls(activation_dim, dict_size)
+        ae.load_state_dict(state_dict)
+        return ae
+
+
+@register
+class TokenNormalizedGatedSAE(GatedAutoEncoder):
+    """A gated autoencoder on per-token normalised inputs (SAELens gated SAEs with
+    ``normalize_activations`` = ``layer_norm`` or ``constant_norm_rescale``).
+
+    ``(mu, s)`` and ``x' = normalize(x, mu, s)`` as in :class:`TokenNormalizedSAE`;
+    ``f = GatedAutoEncoder.encode(x')``; ``decode(f)`` is the reconstruction in the
+    normalised space, ``forward(x) = decode(encode(x)) * s + mu`` and
+    ``reconstruct(f, x)`` undoes the normalisation for edited features.
+    Stored: :class:`GatedAutoEncoder`'s keys plus the buffer ``normalization_id`` (index into
+    ``NORMALIZATIONS``). Inference only. The default normalisation matters only for an
+    empty dictionary (a file names its own): ``constant_norm_rescale``, under which
+    :meth:`scale_biases` is exact; with ``layer_norm`` its ``1e-5`` makes it hold to ~1e-5.
+    """
+
+    inference_only: ClassVar[bool] = True
+    decoder_norm = None
+
+    def __init__(self, activation_dim: int, dict_size: int,
+                 normalization: str = "constant_norm_rescale"):
+        super().__init__(activation_dim, dict_size)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
+                             f"{normalization!r}")
+        self.register_buffer("normalization_id",
+                             torch.tensor(NORMALIZATIONS.index(normalization)))
+
+    # the per-token statistics and their inverse are TokenNormalizedSAE's, unchanged
+    normalization = TokenNormalizedSAE.normalization
+    normalization_stats = TokenNormalizedSAE.normalization_stats
+    normalize = TokenNormalizedSAE.normalize
+    denormalize = staticmethod(TokenNormalizedSAE.denormalize)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return super().encode(self.normalize(x, *self.normalization_stats(x)))
+
+    def reconstruct(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of ``x`` from (possibly edited) features ``f``, in ``x``'s space."""
+        return self.denormalize(self.decode(f), *self.normalization_stats(x))
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        mu, s = self.normalization_stats(x)
+        f = super().encode(self.normalize(x, mu, s))
+        x_hat = self.denormalize(self.decode(f), mu, s)
+        return (x_hat, f) if output_features else x_hat
+
+    def loss_terms(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                   ctx: LossContext = LossContext()) -> LossOutput:
+        raise TypeError(f"{type(self).__name__} is inference-only (it loads SAELens gated "
+                        "SAEs with per-token normalisation); train GatedAutoEncoder")
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Take activations multiplied by ``scale`` with features and outputs scaled by it:
+        the normalised input does not change, so the encoder and the gate and magnitude
+        biases are multiplied by ``scale`` and the decoder divided by it."""
+        self.encoder.weight.mul_(scale)
+        self.gate_bias.mul_(scale)
+        self.mag_bias.mul_(scale)
+        self.decoder.weight.div_(scale)
+
+    def config(self) -> dict:
+        return {**super().config(), "normalization": self.normalization}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **kwargs) -> "TokenNormalizedGatedSAE":
+        check_keys(cls, state_dict, {"decoder_bias", "encoder.weight", "r_mag", "gate_bias",
+                                     "mag_bias", "decoder.weight", "normalization_id"})
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        norm_id = int(state_dict["normalization_id"])
+        if not 0 <= norm_id < len(NORMALIZATIONS):
+            raise ValueError(f"normalization_id must be in [0, {len(NORMALIZATIONS)}), got "
+                             f"{norm_id}")
+        ae = cls(activation_dim, dict_size, normalization=NORMALIZATIONS[norm_id])
         ae.load_state_dict(state_dict)
         return ae

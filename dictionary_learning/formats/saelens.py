@@ -9,12 +9,24 @@ SAELens computes, for every architecture (``a = apply_b_dec_to_input``)::
     gated:    f = [sae_in @ W_enc + b_gate > 0] * relu(sae_in @ (W_enc * exp(r_mag)) + b_mag)
     x_hat = norm_out(f @ W_dec + b_dec)
 
+TopK with ``rescale_acts_by_decoder_norm`` (the default of sae-lens 6's TopK training config)
+selects and scales by the decoder norms ``n_i = ||W_dec[i]||``: ``f = topk(pre * n)`` and
+``x_hat = (f / n) @ W_dec + b_dec``, which is the plain TopK SAE with ``W_enc[:, i]``,
+``b_enc[i]`` multiplied by ``n_i`` and ``W_dec[i]`` divided by it (SAELens's own fold; exact
+for final models, whose decoder rows are unit norm already, and for checkpoints, whose are
+not). ``batchtopk`` training checkpoints (weights with a scalar ``topk_threshold``) become
+what SAELens saves for inference from them: that fold, then jumprelu with every threshold
+``topk_threshold``.
+
 Converted to our classes (exact up to float rounding where a bias is folded):
 standard -> ``AutoEncoder`` (a) or ``AutoEncoderNew`` (not a); topk -> ``AutoEncoderTopK``
 (not a: ``b_dec @ W_enc`` folded into the encoder bias); jumprelu -> ``JumpReluAutoEncoder``
 (a: ``-b_dec @ W_enc`` folded into ``b_enc``); gated -> ``GatedAutoEncoder`` (not a: folded into
 both biases). ``normalize_activations``: ``layer_norm`` and ``constant_norm_rescale`` (per
-token) -> ``TokenNormalizedSAE`` (standard, topk, jumprelu); ``expected_average_only_in`` needs
+token) -> ``TokenNormalizedSAE`` (standard, topk, jumprelu) or ``TokenNormalizedGatedSAE``
+(gated); ``covariance_whitening`` is folded into the weights by SAELens at the end of
+training, so only a training checkpoint says it, and its statistics are not in the folder:
+refused; ``expected_average_only_in`` needs
 the dataset-wide factor ``s``, absent from the folder: pass ``norm_scaling_factor=s`` and it is
 folded in as SAELens folds it (``W_enc * s``, ``W_dec / s``, ``b_dec / s``); SAELens's own
 ``load_from_disk`` ignores it, which ``norm_scaling_factor=1.0`` reproduces. Pre-6.0 flat
@@ -32,13 +44,14 @@ import torch
 
 from ..architectures import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, GatedAutoEncoder,
                              JumpReluAutoEncoder, TokenNormalizedSAE)
+from ..architectures.gated import TokenNormalizedGatedSAE
 from .common import load_into, read_json, read_safetensors, require_tensors
 
 logger = logging.getLogger(__name__)
 NAME = "saelens"
 CFG_NAME, WEIGHTS_NAME = "cfg.json", "sae_weights.safetensors"
 SPARSITY_NAME = "sparsity.safetensors"
-ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "batchtopk")
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale", "expected_average_only_in")
 
 
@@ -72,14 +85,22 @@ def parse_cfg(cfg: dict, path: Path) -> dict:
         raise ValueError(f"{path}: a topk SAE needs a positive integer k, got {k!r}")
     norm = cfg.get("normalize_activations", "none")
     norm = {None: "none", False: "none", True: "expected_average_only_in"}.get(norm, norm)
+    if norm == "covariance_whitening":
+        raise ValueError(f"{path}: normalize_activations 'covariance_whitening' is a training "
+                         "checkpoint's setting (SAELens folds the whitening into the weights "
+                         "when training ends) and its statistics are not in the folder: load "
+                         "the final model")
     if norm not in NORMALIZATIONS:
         raise ValueError(f"{path}: unknown normalize_activations {norm!r}; known: "
                          f"{', '.join(NORMALIZATIONS)}")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{path}: rescale_acts_by_decoder_norm is not supported")
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    if rescale and arch not in ("topk", "batchtopk"):
+        raise ValueError(f"{path}: rescale_acts_by_decoder_norm is a topk setting, not one of "
+                         f"a {arch} SAE: the config is inconsistent")
     return {"architecture": arch, "k": k, "apply_b_dec_to_input":
             bool(cfg.get("apply_b_dec_to_input", True)), "normalize_activations": norm,
-            "finetuning_scaling_factor": bool(cfg.get("finetuning_scaling_factor", False))}
+            "finetuning_scaling_factor": bool(cfg.get("finetuning_scaling_factor", False)),
+            "rescale_acts_by_decoder_norm": rescale}
 
 
 def _expected_shapes(spec: dict, d: int, m: int) -> dict[str, tuple]:
@@ -90,6 +111,8 @@ def _expected_shapes(spec: dict, d: int, m: int) -> dict[str, tuple]:
         shapes["b_enc"] = (m,)
     if spec["architecture"] == "jumprelu":
         shapes["threshold"] = (m,)
+    if spec["architecture"] == "batchtopk":
+        shapes["topk_threshold"] = ()
     if spec["finetuning_scaling_factor"]:
         shapes["finetuning_scaling_factor"] = (m,)
     return shapes
@@ -132,9 +155,26 @@ def read_weights(folder: Path, spec: dict, cfg: dict) -> dict[str, torch.Tensor]
 
 
 def _fold_scaling(w: dict, spec: dict, norm_scaling_factor, path: Path) -> dict:
-    """Fold the per-latent decoder scale, and the dataset-wide input scale if any."""
+    """Fold the per-latent decoder scale, the dataset-wide input scale if any, then the
+    decoder norms of ``rescale_acts_by_decoder_norm`` (SAELens rescales by the norms of the
+    decoder it holds, after its own fold of the input scale)."""
     if spec["finetuning_scaling_factor"]:
         w["W_dec"] = w["W_dec"] * w.pop("finetuning_scaling_factor")[:, None]
+    return _fold_decoder_norms(_fold_input_scale(w, spec, norm_scaling_factor, path), spec)
+
+
+def _fold_decoder_norms(w: dict, spec: dict) -> dict:
+    """``f = topk(pre * n)``, ``x_hat = (f / n) @ W_dec + b_dec`` as a plain TopK SAE: the
+    encoder's columns and bias times ``n``, the decoder's rows divided by it (``n`` clamped
+    at 1e-8 as SAELens does). A batchtopk checkpoint's threshold, on the rescaled
+    pre-activations, then applies to the folded ones unchanged."""
+    if not spec["rescale_acts_by_decoder_norm"]:
+        return w
+    n = w["W_dec"].norm(dim=-1).clamp_min(1e-8)
+    return {**w, "W_enc": w["W_enc"] * n, "b_enc": w["b_enc"] * n, "W_dec": w["W_dec"] / n[:, None]}
+
+
+def _fold_input_scale(w: dict, spec: dict, norm_scaling_factor, path: Path) -> dict:
     if spec["normalize_activations"] != "expected_average_only_in":
         if norm_scaling_factor is not None:
             raise ValueError(f"{path}: norm_scaling_factor applies only to "
@@ -157,11 +197,17 @@ def to_dictionary(w: dict, spec: dict, path: Path):
     W_enc, W_dec, b_dec = w["W_enc"], w["W_dec"], w["b_dec"]
     shift = b_dec @ W_enc  # [m]: what subtracting b_dec before the encoder adds to pre
     m = W_enc.shape[1]
+    if arch == "batchtopk":  # as SAELens saves it for inference: jumprelu, one threshold
+        arch, w = "jumprelu", {**w, "threshold": w.pop("topk_threshold").expand(m).clone()}
     if spec["normalize_activations"] in ("layer_norm", "constant_norm_rescale"):
-        if arch == "gated":
-            raise ValueError(f"{path}: gated SAEs with {spec['normalize_activations']} "
-                             "normalisation are not supported")
         norm_id = ["layer_norm", "constant_norm_rescale"].index(spec["normalize_activations"])
+        if arch == "gated":
+            z_shift = 0 if a else shift
+            return load_into(TokenNormalizedGatedSAE, {
+                "decoder_bias": b_dec, "encoder.weight": W_enc.T, "r_mag": w["r_mag"],
+                "gate_bias": w["b_gate"] + z_shift,
+                "mag_bias": w["b_mag"] + w["r_mag"].exp() * z_shift,
+                "decoder.weight": W_dec.T, "normalization_id": torch.tensor(norm_id)}, path)
         threshold = w["threshold"] if arch == "jumprelu" else torch.zeros(m)
         return load_into(TokenNormalizedSAE, {
             "W_enc": W_enc, "b_enc": w["b_enc"] + (0 if a else shift), "W_dec": W_dec,
