@@ -8,8 +8,10 @@ reading vs the buffer and a memory copy, training from it vs from memory, disk p
     python scripts/benchmark.py --device cuda --dtype bfloat16 --json out.json
     python scripts/benchmark.py --sections guard --json /tmp/guard.json
     python scripts/benchmark.py --sections cache --cache-texts 512   # a larger cache
+    python scripts/benchmark.py --distributed    # data parallel: 2 gloo processes vs one
 
-Prints a table and writes the full results as JSON (medians over alternating repeats).
+Prints a table and writes the full results as JSON (medians over alternating repeats) to
+runs/benchmark.json unless --json says where (never into the checkout by default).
 """
 
 import argparse
@@ -39,15 +41,39 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated subset of: %(default)s")
-    parser.add_argument("--json", default="benchmark.json", help="where to write results")
+    parser.add_argument("--json", default="runs/benchmark.json",
+                        help="where to write results (default: %(default)s)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="instead: the data-parallel step on --world processes vs one "
+                        "(scaling, the all-reduce's share of a step)")
+    parser.add_argument("--world", type=int, default=2, help="processes for --distributed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        return distributed(args)
     values = dict(QUICK) if args.quick else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)
                    if getattr(args, f.name) is not None})
     results = run_all(Workload(**values), sections=tuple(args.sections.split(",")))
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(format_table(results))
+    print(f"\nfull results: {args.json}")
+    return 0
+
+
+def distributed(args) -> int:
+    from dictionary_learning.distributed_benchmark import distributed_benchmark, format_distributed
+
+    device = args.device or "cpu"
+    results = []
+    for arch in ("AutoEncoder", "AutoEncoderTopK"):
+        sizes = dict(d=64, m=512, batch=512, steps=3) if args.quick else dict(
+            d=args.d_model or 512, m=args.dict_size or 4096, batch=args.train_batch or 2048)
+        results.append(distributed_benchmark(world=args.world, arch=arch, device=device,
+                                             **sizes))
+        print(format_distributed(results[-1]))
+    Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nfull results: {args.json}")
     return 0
 

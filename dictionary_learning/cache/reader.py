@@ -116,7 +116,7 @@ class Cache:
     def describe(self) -> str:
         m = self.manifest
         return (f"{self.n_tokens:,} tokens of {', '.join(m['submodules'])} ({m['io']}) of "
-                f"{m.get('model')}, {m['dtype']}, {len(self.shards)} shards, "
+                f"{m.get('model') or 'a model given in memory'}, {m['dtype']}, {len(self.shards)} shards, "
                 f"{human_bytes(sum(s['bytes'] for s in self.shards))}")
 
 

@@ -106,8 +106,15 @@ def run(args: argparse.Namespace) -> int:
 
     init_from_environment(train_run.device)  # under torchrun: join the other processes
     rank, world = rank_and_world()
+    shown = train_run
+    if train_run.cache is not None:  # the model and submodule are the cache's
+        from ..cache.run import fit_run_to_cache
+
+        shown, manifest = fit_run_to_cache(train_run)
+        if shown.submodule == type(shown).submodule and len(manifest["submodules"]) == 1:
+            shown = shown.replace(submodule=manifest["submodules"][0])
     if rank == 0:
-        print(f"Training on {train_run.submodule} of {train_run.model} "
+        print(f"Training on {shown.submodule} of {shown.model} "
               f"({'resuming' if args.resume else 'new run'}; output in {train_run.save_dir})"
               + (f" on {world} processes ("
                  f"{'dictionary' if train_run.shard_dictionaries else 'data'} parallel)"
