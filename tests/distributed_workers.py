@@ -151,3 +151,31 @@ def uneven(rank: int, world: int, port: int, out: str) -> None:
     train_dictionaries(iter(mine), configs()[:2], save_dir=Path(out) / "run", progress=False)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def layer_batches() -> list[dict]:
+    """Batches as a buffer collecting two submodules serves them: ``{name: rows}``."""
+    return [{"l0": b, "l1": b.flip(-1) * 2} for b in global_batches(12)]
+
+
+def layer_configs():
+    from dictionary_learning import TrainerConfig
+
+    return [TrainerConfig(32, 64, submodule=name, lr=3e-3, warmup_steps=2, seed=i,
+                          dict_class=cls, dict_kwargs={"k": 4} if "TopK" in cls else {})
+            for i, (name, cls) in enumerate([("l0", "AutoEncoder"), ("l1", "AutoEncoder"),
+                                              ("l0", "AutoEncoderTopK")])]
+
+
+def dictionary_parallel_layers(rank: int, world: int, port: int, out: str) -> None:
+    """One dictionary per layer, spread over the ranks, from dict batches."""
+    from dictionary_learning import train_dictionaries
+
+    join(rank, world, port)
+    mine = [{k: v.chunk(world)[rank] for k, v in b.items()} for b in layer_batches()]
+    trained = train_dictionaries(iter(mine), layer_configs(), steps=12, progress=False,
+                                 shard_dictionaries=True)
+    torch.save({i: d.state_dict() for i, d in enumerate(trained) if d is not None},
+               Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()

@@ -212,3 +212,15 @@ def test_ranks_whose_text_ends_at_different_steps_stop_together(tmp_path):
         run = json.loads((tmp_path / "run" / f"trainer_{i}" / "config.json").read_text())["run"]
         assert run["steps_done"] == 6 and run["finished"]
         assert run["activations_trained"] == 5 * 64 + 32 + 7
+
+
+def test_dictionary_parallel_one_dictionary_per_layer(tmp_path):
+    """Several submodules per forward ({name: batch} dicts) shard the same way."""
+    assert spawn(workers.dictionary_parallel_layers, str(tmp_path)) == [0, 0]
+    single = train_dictionaries(iter(workers.layer_batches()), workers.layer_configs(),
+                                steps=12, progress=False)
+    held = {**torch.load(tmp_path / "rank0.pt"), **torch.load(tmp_path / "rank1.pt")}
+    assert sorted(held) == [0, 1, 2]
+    for i, state in held.items():
+        for key, value in single[i].state_dict().items():
+            assert torch.equal(state[key], value), (i, key)
