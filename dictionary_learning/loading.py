@@ -261,19 +261,34 @@ def _warn_unestimated_threshold(ae, config: dict, weights: Path) -> None:
 
 def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, *, check_finite: bool = True,
-                    strict: bool = False, **options):
+                    strict: bool = False, repo_id: str | None = None,
+                    revision: str | None = None, release: str | None = None,
+                    registry: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None, **options):
     """Load any supported dictionary as ``(dictionary, config)``, on ``device``.
 
     ``path`` is a folder or a file of one of these formats (``formats/`` for the foreign ones):
 
     - ours / saprmarks: a folder with ``ae.pt`` (+ ``config.json``), or the ``ae.pt`` file;
-      ``options`` are widths (e.g. ``activation_dim=512``) checked against the weights, and
-      ``dict_class`` to choose the class where ``config.json`` names none (or another);
+      ``options`` are widths (e.g. ``activation_dim=512``) checked against the weights,
+      ``dict_class`` to choose the class where ``config.json`` names none (or another), and
+      ``normalize_decoder`` (``None``: upstream's folders' ``AutoEncoder`` decoders are made
+      unit norm, the scale folded into the encoder, as upstream's loader does; ``True``,
+      ``False``). A config whose class contradicts the weights' keys gives the keys' class,
+      with a warning;
     - SAELens: a folder with ``cfg.json`` + ``sae_weights.safetensors``; option
       ``norm_scaling_factor`` (see ``formats.saelens``);
     - sparsify: a hookpoint folder (``cfg.json`` + ``sae.safetensors``) or a folder of them;
       option ``hookpoint``;
-    - mats_sae_training and OpenAI ``.pt`` files.
+    - Gemma Scope (``params.npz``), Gemma Scope 2 (``params.safetensors``), Llama Scope
+      (``hyperparams.json`` + ``checkpoints/final.safetensors``) folders;
+    - mats_sae_training, OpenAI and Goodfire ``.pt`` / ``.pth`` files.
+
+    On the Hugging Face Hub (``formats.hub``): ``path`` = ``"hf://org/repo/path/in/repo"``
+    (``hf://org/repo@revision/...``), or a path inside ``repo_id`` (at ``revision``), or a
+    SAELens sae_id with its ``release`` (looked up in SAELens's registry, or ``registry``).
+    The files are fetched into the Hugging Face cache (``cache_dir``; offline with
+    ``HF_HUB_OFFLINE=1``), and ``config["source"]`` says where they came from.
 
     ``check_finite`` (default ``True``): every format's loaded parameters and buffers are
     checked; one holding NaN or inf is a ``ValueError`` naming its key and the file (values
@@ -286,6 +301,10 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``config`` is plain data: for our folders the ``config.json`` contents (``{}`` when there
     is none); for the others ``{"format": <name>, ...}`` with the file's own configuration.
     """
+    from .formats import hub
+
+    path, options, hub_source = hub.resolve(path, repo_id, revision, release, registry,
+                                            cache_dir, options)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dictionary at {path}")
@@ -299,8 +318,10 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
         if not weights.is_file():
             raise FileNotFoundError(
                 f"no dictionary weights in {path}: expected {WEIGHTS_NAME} (this project, "
-                "saprmarks/dictionary_learning), cfg.json + sae_weights.safetensors (SAELens) "
-                "or cfg.json + sae.safetensors (sparsify)")
+                "saprmarks/dictionary_learning), cfg.json + sae_weights.safetensors (SAELens), "
+                "cfg.json + sae.safetensors (sparsify), params.npz / params.safetensors "
+                "(Gemma Scope) or hyperparams.json + checkpoints/final.safetensors (Llama "
+                "Scope)")
         source = weights
         dictionary, config = _load_own(weights, None, options, strict)
     elif path.suffix == ".safetensors":
@@ -321,6 +342,8 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu",
         check_finite_tensors(_tensors_of(dictionary), source,
                              f"its values do not fit in {dtype}: load it with a wider dtype",
                              warn_huge=False)
+    if hub_source is not None:
+        config = {**config, "source": hub_source}
     return dictionary, config
 
 

@@ -11,9 +11,19 @@ format              what is on disk                             recognised by
 saelens             ``cfg.json`` + ``sae_weights.safetensors``  the two file names
 sparsify            ``cfg.json`` + ``sae.safetensors``          the two file names (or a
                                                                 folder of hookpoint folders)
+gemma_scope         ``params.npz`` (Gemma Scope) or             the file name
+                    ``params.safetensors`` (+ ``config.json``,
+                    Gemma Scope 2)
+llama_scope         ``hyperparams.json`` +                      the two file names
+                    ``checkpoints/final.safetensors``
 mats_sae_training   one ``.pt``: ``{"cfg", "state_dict"}``      the pickle's two keys
 openai              one ``.pt``: ``pre_bias``, ``latent_bias``  those keys
+goodfire            one ``.pth``: ``encoder_linear.*``,         those four keys
+                    ``decoder_linear.*``
 ==================  ==========================================  =============================
+
+``hub`` resolves ``hf://org/repo/path`` (and SAELens release ids) to a local copy in the
+Hugging Face cache first; ``hub.save_to_hub`` uploads a folder.
 
 Targets are our registered classes; where none computed a format's math, an inference-only
 class was added (``TokenNormalizedSAE``: per-token normalised inputs; ``Transcoder``: sparsify
@@ -25,14 +35,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import mats, openai, saelens, sparsify
+from . import gemmascope, goodfire, llamascope, mats, openai, saelens, sparsify
 from .common import read_pickle
 from .saelens_export import save_saelens
 
-FORMATS = {saelens.NAME: saelens, sparsify.NAME: sparsify, mats.NAME: mats,
-           openai.NAME: openai}
-FOLDER_FORMATS = (saelens, sparsify)
-PICKLE_FORMATS = (mats, openai)
+FORMATS = {module.NAME: module for module in (saelens, sparsify, gemmascope, llamascope, mats,
+                                              openai, goodfire)}
+FOLDER_FORMATS = (saelens, sparsify, gemmascope, llamascope)
+PICKLE_FORMATS = (mats, openai, goodfire)
 OWN_WEIGHTS_NAME = "ae.pt"
 
 
