@@ -253,6 +253,8 @@ def row(name: str, target, metrics: dict) -> dict:
         r.update({"% loss rec.": 100 * metrics["frac_recovered"],
                   "loss clean": metrics["loss_clean"], "patched": metrics["loss_patched"],
                   "zero": metrics["loss_zero"]})
+    if "kl_div" in metrics:
+        r.update({"KL": metrics["kl_div"], "KL score": metrics["kl_score"]})
     r["tokens"] = metrics["n_tokens"]
     if "n_loss_tokens" in metrics:
         r["loss tokens"] = metrics["n_loss_tokens"]
@@ -288,10 +290,13 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate saved dictionaries (MSE, L1, L0, %% alive, "
-                       "variance explained, %% loss recovered) on held-out text",
+                       "variance explained, %% loss recovered, KL) on held-out text",
                        description="Evaluate dictionary folders on held-out text: one table "
-                       "row per dictionary. Activation metrics use --n-tokens real tokens "
-                       "sampled from the documents of --data after the first --skip-texts; "
+                       "row per dictionary; KL is the mean KL(clean || patched) of the "
+                       "next-token distributions over real tokens, KL score 1 - KL / KL "
+                       "with the activation zeroed. Activation metrics use --n-tokens real "
+                       "tokens sampled from the documents of --data after the first "
+                       "--skip-texts; "
                        "loss recovered uses the next --n-loss-texts documents. With --cache "
                        "DIR the activation metrics read the cache's first --n-tokens rows "
                        "instead, and loss recovered the first --n-loss-texts documents of "
