@@ -2,6 +2,7 @@
 activations of HuggingFace language models, read and patched with nnsight.
 
     text -> ActivationBuffer -> trainSAE -> ae.pt + config.json -> evaluate / load_dictionary
+    load_session(folder) -> (model, dictionary, buffer);  steering: edit features while generating
 """
 
 from .buffer import ActivationBuffer
@@ -10,6 +11,9 @@ from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopK
                          GatedAutoEncoder, IdentityDict, JumpReluAutoEncoder,
                          MatryoshkaBatchTopKSAE, MLPStretcher)
 from .loading import load_dictionary
+from . import steering
+from .session import load_session, load_setting
+from .steering import Interventions
 from .trainer import Trainer, TrainerConfig
 from .training import trainSAE, train_dictionaries
 
@@ -22,6 +26,7 @@ __all__ = [
     "Dictionary",
     "GatedAutoEncoder",
     "IdentityDict",
+    "Interventions",
     "JumpReluAutoEncoder",
     "MatryoshkaBatchTopKSAE",
     "MLPStretcher",
@@ -30,8 +35,11 @@ __all__ = [
     "evaluate",
     "feature_frequency_histogram",
     "load_dictionary",
+    "load_session",
+    "load_setting",
     "loss_recovered",
     "reconstruction_metrics",
+    "steering",
     "trainSAE",
     "train_dictionaries",
 ]
