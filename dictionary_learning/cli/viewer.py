@@ -1,5 +1,6 @@
 """``viewer``: serve an analysis run folder as a local page (feature list, histograms, token
-heat-maps, logit effects) and a JSON API."""
+heat-maps, logit effects) and a JSON API; with ``--steer``, also a steer box that generates
+text with a feature edited (the model and the dictionary are loaded for it)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,14 @@ def viewer(args: argparse.Namespace) -> int:
     args.port = _port(args.port)
     from ..viewer import make_server, serve_until_interrupted
 
+    steer = None
+    if args.steer:
+        steer = steer_backend(args)
+    elif args.dictionary or args.model:
+        raise CLIError("--dictionary and --model choose what --steer loads: add --steer")
     try:
-        server = make_server(args.run_dir, args.host, args.port, run_name=args.run)
+        server = make_server(args.run_dir, args.host, args.port, run_name=args.run,
+                             steer=steer)
     except OSError as e:
         if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)):
             raise
@@ -39,9 +46,25 @@ def viewer(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host}: anyone who can reach this machine can read "
               "the run", file=sys.stderr)
     print(f"Serving {run.path} ({run.size:,} features, metrics: {', '.join(run.metrics)})")
+    if steer is not None:
+        s = steer.setting
+        print(f"Steer box on: {s.model_name or 'the model'} {s.submodule} ({s.io})")
     print(f"Open {server.url} in a browser; Ctrl+C stops the server.", flush=True)
     serve_until_interrupted(server)
     return 0
+
+
+def steer_backend(args: argparse.Namespace):
+    """The steer box's backend: the run's dictionary on its model (or the flags')."""
+    from ..sources import check_device
+    from ..viewer import find_run, read_metadata
+    from ..viewer.steer import backend_for_run
+
+    device = str(check_device(args.device))
+    metadata = read_metadata(find_run(args.run_dir, args.run))
+    print("Loading the model and the dictionary for the steer box ...", file=sys.stderr)
+    return backend_for_run(metadata, dictionary=args.dictionary, model=args.model,
+                           device=device)
 
 
 def add_parser(sub) -> None:
@@ -56,4 +79,12 @@ def add_parser(sub) -> None:
     # A string, checked by the command: argparse's own error would add a usage block.
     p.add_argument("--port", default="8000",
                    help="port (default: %(default)s; 0 picks a free port)")
+    g = p.add_argument_group("steering (a steer box on each feature's page)")
+    g.add_argument("--steer", action="store_true", help="load the run's dictionary and its "
+                   "model, and let the page generate text with a feature added, clamped, "
+                   "scaled or ablated")
+    g.add_argument("--dictionary", metavar="DIR", help="the dictionary folder to steer "
+                   "with (default: the one the run was analysed from)")
+    g.add_argument("--model", help="the model to steer (default: the one the run names)")
+    g.add_argument("--device", default="cpu", help="device of the model (default: cpu)")
     p.set_defaults(func=viewer)

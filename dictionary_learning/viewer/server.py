@@ -9,9 +9,18 @@ Standard library only (``http.server``). Endpoints:
   largest first: ``{metric, total, offset, features: [{id, value, <every metric>}]}``.
 - ``GET /api/feature_info?id=N`` — one feature's statistics, histogram, top and random
   contexts (tokens as strings) and logit effects.
+- ``GET /api/steer`` — whether the steer box is on: ``{"available": false}``, or what it
+  steers (only a server started with the model, ``steer=``, has it).
+- ``POST /api/steer`` — a JSON request run by :class:`~.steer.SteerBackend` (generation
+  with and without an intervention on features). Only from this server's own page: the
+  body must be ``application/json`` (so another site's page cannot send it without a
+  CORS preflight, which is never granted), at most ``MAX_BODY`` bytes, and the ``Host``
+  and any ``Origin`` must name this server (no DNS rebinding).
 
-Bad input answers JSON ``{"error": ...}``: 400 for a malformed id/offset/limit or an
-unknown metric, 404 for an id outside ``0..dict_size-1`` or an unknown path.
+Bad input answers JSON ``{"error": ...}``: 400 for a malformed id/offset/limit, an
+unknown metric or a bad steer request, 403 for a steer request from elsewhere, 404 for an
+id outside ``0..dict_size-1``, an unknown path, or steering on a server without the model,
+415 for a steer body that is not JSON.
 
 Connections: each handler thread holds one connection, so a client that connects and sends
 nothing (or half a request) would hold a thread forever. Two limits keep that bounded: every
@@ -52,6 +61,10 @@ SECURITY_HEADERS = {
 INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 DEFAULT_TIMEOUT = 10.0  # seconds a connection may wait on the client for one read or write
 DEFAULT_MAX_CONNECTIONS = 32  # connections (handler threads) served at once
+MAX_BODY = 64 * 1024  # bytes of a POST body
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STEER_OFF = {"available": False, "reason": "start the viewer with --steer (it loads the "
+             "model and the dictionary) to steer features here"}
 
 
 def check_port(port) -> int:
@@ -156,6 +169,54 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def do_POST(self) -> None:  # noqa: N802 (the base class's name)
+        url = urlsplit(self.path)
+        try:
+            if url.path != "/api/steer":
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {url.path[:80]}")
+            body = self._json_body()
+            steer = self.server.steer
+            if steer is None:
+                raise BadRequest(HTTPStatus.NOT_FOUND, STEER_OFF["reason"])
+            try:
+                answer = steer.run(body)
+            except (ValueError, TypeError) as e:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, str(e)[:300]) from None
+            self._json(answer)
+        except BadRequest as e:
+            self.close_connection = True
+            self._json({"error": str(e)}, e.status)
+        except (ConnectionError, TimeoutError):
+            logger.debug("client left while answering %s", self.path)
+            self.close_connection = True
+        except Exception:  # a bug must answer 500, not kill the connection with a traceback
+            logger.exception("error answering POST %s", self.path)
+            self._json({"error": "internal error; see the server's log"},
+                       HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _json_body(self):
+        """The request's JSON body, refused unless it comes from this server's page."""
+        host = self.headers.get("Host", "")
+        origin = self.headers.get("Origin")
+        allowed = self.server.allowed_hosts
+        if (allowed is not None and host not in allowed) or (
+                origin is not None and origin != f"http://{host}"):
+            raise BadRequest(HTTPStatus.FORBIDDEN, "steer requests are taken only from this "
+                             "server's own page")
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                             "send the steer request as application/json")
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"a steer request needs a body of 1 to "
+                             f"{MAX_BODY} bytes with its Content-Length")
+        raw = self.rfile.read(int(length))
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "the request body is not JSON") from None
+
     def _api(self, path: str, query: dict):
         run: Run = self.server.run
         if path == "/api/metadata":
@@ -176,6 +237,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no feature {i}: this run has features "
                                  f"0..{run.size - 1}")
             return run.feature_info(i)
+        if path == "/api/steer":
+            steer = self.server.steer
+            return STEER_OFF if steer is None else steer.info()
         raise BadRequest(HTTPStatus.NOT_FOUND, f"no such endpoint: {path[:80]}")
 
 
@@ -202,7 +266,7 @@ class ViewerServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, run: Run, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, steer=None):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if isinstance(max_connections, bool) or not isinstance(max_connections, int) \
@@ -210,6 +274,7 @@ class ViewerServer(ThreadingHTTPServer):
             raise ValueError(f"max_connections must be an integer >= 1, got "
                              f"{max_connections!r}")
         self.run = run
+        self.steer = steer  # a SteerBackend (viewer/steer.py), or None: no steer box
         self.static_files = _static_files()
         self.connection_timeout = float(timeout)
         self.max_connections = max_connections
@@ -219,6 +284,12 @@ class ViewerServer(ThreadingHTTPServer):
         self._pages: dict[tuple, bytes] = {}  # encoded rankings: the page asks for each often
         self._lock = threading.Lock()
         super().__init__((host, check_port(port)), ViewerHandler)
+        port = self.server_address[1]
+        if host in ("", "0.0.0.0", "::"):  # any address: the Host cannot be checked
+            self.allowed_hosts = None
+        else:
+            names = LOOPBACK if host in LOOPBACK else (host,)
+            self.allowed_hosts = {f"{'[' + h + ']' if ':' in h else h}:{port}" for h in names}
 
     @property
     def active_connections(self) -> int:
@@ -299,16 +370,17 @@ class ViewerServer(ThreadingHTTPServer):
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                 run_name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ViewerServer:
+                max_connections: int = DEFAULT_MAX_CONNECTIONS, steer=None) -> ViewerServer:
     """A server (not yet serving) for the run in ``run_dir`` — a run folder, or a folder of
     runs (the newest, or ``run_name``). ``port=0`` picks a free port; see ``server.url``.
     ``timeout`` (seconds) and ``max_connections`` bound what slow or idle clients can hold
     (see the module's docstring). The port is checked before the run is read, so a bad one
-    fails fast. Start it with ``server.serve_forever()`` (or :func:`serve`); stop with
-    ``shutdown()``."""
+    fails fast. ``steer`` (a :class:`~.steer.SteerBackend`) turns on the steer box. Start it
+    with ``server.serve_forever()`` (or :func:`serve`); stop with ``shutdown()``."""
     check_port(port)
     run = Run(find_run(run_dir, run_name))
-    server = ViewerServer(run, host, port, timeout=timeout, max_connections=max_connections)
+    server = ViewerServer(run, host, port, timeout=timeout, max_connections=max_connections,
+                          steer=steer)
     if run.metrics:  # the page's first request: rank now, not while the user waits
         server.ranked_page(run.metrics[0], 0, None)
     logger.info("serving %s (%d features) at %s", run.path, run.size, server.url)
@@ -328,13 +400,13 @@ def serve_until_interrupted(server: ViewerServer) -> None:
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
           run_name: str | None = None, in_thread: bool = False, *,
           timeout: float = DEFAULT_TIMEOUT,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ViewerServer:
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, steer=None) -> ViewerServer:
     """Make a server and serve: until Ctrl+C, or, with ``in_thread``, in a daemon thread
     while the caller goes on (then stop it with ``server.shutdown(); server.server_close()``).
-    ``timeout`` and ``max_connections`` as for :func:`make_server`. Returns the server (its
-    address is ``server.url``)."""
+    ``timeout``, ``max_connections`` and ``steer`` as for :func:`make_server`. Returns the
+    server (its address is ``server.url``)."""
     server = make_server(run_dir, host, port, run_name, timeout=timeout,
-                         max_connections=max_connections)
+                         max_connections=max_connections, steer=steer)
     if in_thread:
         threading.Thread(target=server.serve_forever, name="viewer", daemon=True).start()
     else:

@@ -8,7 +8,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";  // a namespace name, not fetched
 
 const state = {
   metadata: null, metric: null, ranking: [], rankOf: new Map(), selected: null,
-  request: 0, listReadyMs: null, info: null,
+  request: 0, listReadyMs: null, info: null, steer: null, steerPrompt: "",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -57,8 +57,10 @@ function showError(message) {
   box.hidden = !message;
 }
 
-async function getJSON(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" } });
+async function getJSON(url, options) {
+  const response = await fetch(url, { ...(options || {}),
+                                      headers: { Accept: "application/json",
+                                                 ...((options && options.headers) || {}) } });
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -200,6 +202,94 @@ function logitBlock(effects) {
   return parts;
 }
 
+// ---- steer box (only when the server was started with the model: --steer) ----
+
+function numberField(label, name, value, attrs) {
+  return el("label", { className: "steer-field" }, label,
+            el("input", { name, type: "number", value: String(value), ...(attrs || {}) }));
+}
+
+function steerChanges(changes) {
+  const rows = (list) => (list || []).map((c) => [c.token, c.p_intervened - c.p_clean, c]);
+  const table = (title, list, cls) => {
+    const t = el("table", { className: cls }, el("tr", {}, el("th", { colspan: "3" }, title)));
+    for (const [token, change, c] of rows(list)) {
+      t.appendChild(el("tr", {}, el("td", { className: "tokcell" }, visibleToken(token).text),
+                       el("td", {}, `${fmt(c.p_clean)} → ${fmt(c.p_intervened)}`),
+                       el("td", { className: change >= 0 ? "pos" : "neg" }, fmt(change))));
+    }
+    return t;
+  };
+  return el("div", { className: "logits steer-changes" },
+            table("raised most", changes.raised, "promoted"),
+            table("lowered most", changes.lowered, "suppressed"));
+}
+
+function steerResult(answer) {
+  const column = (title, side) => el("div", { className: "steer-col" }, el("h4", {}, title),
+    el("div", { className: "steer-text" }, answer.prompt,
+       el("span", { className: "steer-new" }, side.text)));
+  return [el("p", { className: "note" }, `Intervention: ${answer.interventions}`),
+          el("div", { className: "steer-cols" }, column("baseline", answer.baseline),
+             column("intervened", answer.intervened)),
+          el("h4", {}, "Next token after the prompt: probability clean → intervened"),
+          steerChanges(answer.changes)];
+}
+
+async function onSteer(event, id) {
+  event.preventDefault();
+  const form = event.target;
+  const out = form.parentNode.querySelector(".steer-result");
+  const value = (name) => form.elements[name].value;
+  state.steerPrompt = value("prompt");
+  const kind = value("kind");
+  const edit = { kind, features: [id] };
+  if (kind !== "ablate") edit.value = Number(value("value"));
+  const body = { prompt: state.steerPrompt, edits: [edit],
+                 max_new_tokens: Number(value("max_new_tokens")),
+                 temperature: Number(value("temperature")), seed: Number(value("seed")),
+                 from_position: Number(value("from_position")) };
+  out.replaceChildren(el("p", { className: "muted" }, "generating…"));
+  const button = form.querySelector("button");
+  button.disabled = true;
+  try {
+    const answer = await getJSON("/api/steer", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    if (state.selected === id) out.replaceChildren(...steerResult(answer));
+  } catch (e) {
+    out.replaceChildren(el("p", { className: "error" }, `Steering failed: ${e.message}`));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function steerBlock(info) {
+  const steer = state.steer;
+  if (!steer || !steer.available) return [];
+  const kinds = el("select", { name: "kind", "aria-label": "edit" },
+                   ...["add", "clamp", "scale", "ablate"].map((k) => el("option", { value: k }, k)));
+  const prompt = el("textarea", { name: "prompt", rows: "2", maxlength: String(steer.max_prompt_chars),
+                                  placeholder: "a prompt to continue", "aria-label": "prompt" });
+  prompt.value = state.steerPrompt;
+  prompt.addEventListener("input", () => { state.steerPrompt = prompt.value; });
+  const form = el("form", { className: "steer", autocomplete: "off" }, prompt,
+    el("div", { className: "steer-row" },
+       el("label", { className: "steer-field" }, `feature ${info.id}:`, kinds),
+       numberField("value", "value", 8, { step: "any" }),
+       numberField("new tokens", "max_new_tokens", 30, { min: "1", max: String(steer.max_new_tokens) }),
+       numberField("temperature", "temperature", 0, { min: "0", step: "any" }),
+       numberField("seed", "seed", 0, { min: "0" }),
+       numberField("from position", "from_position", 0, { min: "0" }),
+       el("button", { type: "submit" }, "Generate")));
+  form.addEventListener("submit", (event) => onSteer(event, info.id));
+  return [el("h3", {}, "Steer"),
+          el("p", { className: "note" }, `Generate with feature ${info.id} edited at every token ` +
+             `(add: value × its decoder direction; clamp: set to value; scale: multiply by value; ` +
+             `ablate: set to 0) in ${steer.submodule} (${steer.io}), beside the clean model.`),
+          form, el("div", { className: "steer-result" })];
+}
+
 function note(text) {
   return text ? el("p", { className: "note" }, String(text)) : null;
 }
@@ -226,7 +316,8 @@ function renderFeature(info) {
     note(state.metadata && state.metadata.histogram_note),
     ...contextsBlock("Top contexts", tops, scale, "top"),
     ...contextsBlock("Random contexts", info.random_contexts || [], scale, "random"),
-    ...logitBlock(info.logit_effects || {})].filter(Boolean));
+    ...logitBlock(info.logit_effects || {}),
+    ...steerBlock(info)].filter(Boolean));
   detail.dataset.feature = String(info.id);
 }
 
@@ -296,6 +387,7 @@ async function init() {
   try {
     const meta = await getJSON("/api/metadata");
     state.metadata = meta;
+    state.steer = await getJSON("/api/steer").catch(() => null);
     $("run-info").textContent = `${meta.run} · ${meta.dictionary} (${meta.dict_class}, ` +
       `${fmt(meta.activation_dim)} → ${fmt(meta.dict_size)}) on ${meta.model} ${meta.submodule}` +
       ` (${meta.io}) · ${fmt(meta.n_tokens)} tokens`;
