@@ -413,18 +413,45 @@ def test_sparsify_transcoders_match_formula(tmp_path, transcode, skip, d_out):
     w = sparsify_folder(tmp_path / "t", torch.bfloat16, d_out=d_out, transcode=transcode,
                         skip_connection=skip)
     ae, _ = load_dictionary(tmp_path / "t")
-    assert type(ae).__name__ == "Transcoder" and ae.output_dim == d_out
+    assert type(ae).__name__ == ("Transcoder" if transcode else "SkipSAE")
+    assert ae.output_dim == d_out
     x = inputs()
     f_ref, y_ref = sparsify_reference(w, x, transcode)
     check_close(ae, x, f_ref, y_ref)
     torch.testing.assert_close(ae.reconstruct(ae.encode(x), x), y_ref, **TOL)
     torch.save(ae.state_dict(), tmp_path / "ae.pt")  # and through our own format
     (tmp_path / "config.json").write_text(json.dumps(
-        {"trainer": {"dict_class": "Transcoder", **ae.config()}}))
+        {"trainer": {"dict_class": type(ae).__name__, **ae.config()}}))
     again, _ = load_dictionary(tmp_path)
     assert torch.equal(again(x), ae(x))
     with pytest.raises(ValueError, match="no SAELens counterpart"):
         save_saelens(ae, tmp_path / "export")
+
+
+@pytest.mark.parametrize("transcode,skip", [(False, False), (False, True), (True, False),
+                                            (True, True)])
+def test_sparsify_in_bf16_computes_in_sparsify_order(tmp_path, transcode, skip):
+    """Loaded with ``dtype=torch.bfloat16``, the features are sparsify's bit for bit: its
+    own order of bf16 operations (``x - b_dec`` rounded, then ``F.linear`` with the bias,
+    ReLU, top-k) is the one computed, not a bias folded in float64 (which rounds apart).
+    The outputs differ from sparsify's only in how the k decoder rows are summed (sparsify:
+    ``embedding_bag``), within a bf16 step of the output's scale."""
+    w = sparsify_folder(tmp_path / "t", torch.bfloat16, transcode=transcode,
+                        skip_connection=skip)
+    ae, _ = load_dictionary(tmp_path / "t", dtype=torch.bfloat16)
+    x = inputs().bfloat16()
+    pre = torch.relu(torch.nn.functional.linear(x if transcode else x - w["b_dec"],
+                                                w["encoder.weight"], w["encoder.bias"]))
+    top = pre.topk(K, dim=-1, sorted=False)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    y = torch.nn.functional.embedding_bag(top.indices, w["W_dec"], per_sample_weights=top.values,
+                                          mode="sum") + w["b_dec"]
+    if skip:
+        y = y + x @ w["W_skip"].mT
+    with torch.no_grad():
+        assert torch.equal(ae.encode(x), f)
+        step = torch.finfo(torch.bfloat16).eps * float(y.abs().max())
+        assert float((ae(x) - y).abs().max()) <= step
 
 
 def test_sparsify_groupmax_is_refused(tmp_path):

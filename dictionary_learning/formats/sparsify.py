@@ -4,9 +4,13 @@ Weights: ``encoder.weight [m, d]``, ``encoder.bias [m]``, ``W_dec [m, d]``, ``b_
 (often bf16). sparsify computes ``pre = relu(encoder(x - b_dec))`` (no ``- b_dec`` for
 transcoders, ``transcode``), keeps each token's ``k`` largest, ``x_hat = top @ W_dec + b_dec``
 (``+ x @ W_skip.T`` with ``skip_connection``). Plain SAEs become our ``AutoEncoderTopK``;
-transcoders and coders with a skip connection our ``Transcoder`` (for a skip SAE the ``- b_dec``
-is folded into the encoder bias). Weights are upcast to float32, which represents bf16
-exactly. The ``groupmax`` activation has no class here and is refused clearly.
+transcoders our ``Transcoder``; SAEs with a skip connection ``SkipSAE`` below, a
+``Transcoder`` that subtracts ``b_dec`` before encoding as sparsify does (folding it into
+the encoder bias instead is the same in float32 but rounds differently in bf16, by up to
+~1.5 in the features of a tiny test SAE: ``x - b_dec`` and ``encoder(x)`` round apart).
+Weights are upcast to float32, which represents bf16 exactly; ``dtype=torch.bfloat16``
+computes in sparsify's order. The ``groupmax`` activation has no class here and is refused
+clearly.
 
 A folder holding hookpoint folders (a sparsify run or a downloaded repo) is accepted when it
 holds exactly one, or with ``hookpoint="layers.3.mlp"`` naming the one to load.
@@ -19,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..architectures import AutoEncoderTopK, Transcoder
+from ..base import check_width
+from ..registry import register
 from .common import load_into, read_json, read_safetensors, require_tensors
 
 NAME = "sparsify"
@@ -106,16 +112,25 @@ def load(path: str | Path, hookpoint: str | None = None):
     return ae, config
 
 
+@register
+class SkipSAE(Transcoder):
+    """sparsify's SAE with a skip connection: ``f = relu(encoder(x - b_dec))``, then each
+    token's ``k`` largest; ``forward(x) = f @ W_dec + b_dec + x @ W_skip.T``. Stored as
+    :class:`Transcoder` (``b_dec [d]`` serves both sides). Inference only."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
+        return super().encode(x - self.b_dec)
+
+
 def _transcoder(w: dict, k: int, transcode: bool, where: Path):
-    """A ``Transcoder``; an SAE with a skip connection subtracts ``b_dec`` before encoding,
-    folded here into the encoder bias (in float64)."""
-    enc, bias = w["encoder.weight"].double(), w["encoder.bias"].double()
-    if not transcode:
-        if w["b_dec"].shape[0] != enc.shape[1]:
-            raise ValueError(f"{where}: b_dec has {w['b_dec'].shape[0]} entries but the input "
-                             f"has {enc.shape[1]}: only a transcoder maps between widths")
-        bias = bias - enc @ w["b_dec"].double()
+    """A ``Transcoder`` (``transcode``), else a ``SkipSAE`` (an SAE with a skip connection,
+    which subtracts ``b_dec`` before encoding)."""
+    enc = w["encoder.weight"]
+    if not transcode and w["b_dec"].shape[0] != enc.shape[1]:
+        raise ValueError(f"{where}: b_dec has {w['b_dec'].shape[0]} entries but the input "
+                         f"has {enc.shape[1]}: only a transcoder maps between widths")
     skip = w.get("W_skip", torch.zeros(w["W_dec"].shape[1], enc.shape[1]))
-    return load_into(Transcoder, {
-        "encoder.weight": enc, "encoder.bias": bias, "W_dec": w["W_dec"], "b_dec": w["b_dec"],
-        "W_skip": skip, "k": torch.tensor(k, dtype=torch.int)}, where)
+    return load_into(Transcoder if transcode else SkipSAE, {
+        "encoder.weight": enc, "encoder.bias": w["encoder.bias"], "W_dec": w["W_dec"],
+        "b_dec": w["b_dec"], "W_skip": skip, "k": torch.tensor(k, dtype=torch.int)}, where)
