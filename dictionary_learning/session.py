@@ -36,7 +36,7 @@ import torch
 
 from . import steering
 from .assess import folder_config, read_target
-from .buffer import DEFAULT_N_CTXS, ActivationBuffer
+from .buffer import DEFAULT_N_CTXS, ActivationBuffer, model_name
 from .formats.common import read_json
 from .loading import load_dictionary
 from .submodules import resolve_submodule, submodule_path
@@ -103,7 +103,7 @@ def _foreign_submodule(model, hookpoint: str) -> str | None:
 
 def _open_model(model, name: str | None, path: Path, device: str, dtype: str | None):
     if model is not None and not isinstance(model, (str, os.PathLike)):
-        return model, None  # an nnsight model already open
+        return model, model_name(model)  # an nnsight model already open
     name = str(model) if model is not None else name
     if name is None:
         raise _missing(path, "which model this dictionary reads", "no config.json names "

@@ -86,3 +86,35 @@ def test_each_missing_fact_names_the_argument_that_supplies_it(trained, tmp_path
     assert next(buffer).shape == (16, D_MODEL) and buffer.io == "out"
     setting = load_setting(bare, model=model, submodule="gpt_neox.layers.0")
     assert setting.submodule == "gpt_neox.layers.0" and setting.model is model
+
+
+def test_foreign_folders_name_their_model_and_hookpoint(trained, tmp_path):
+    import json as json_
+
+    from safetensors.torch import save_file
+
+    from dictionary_learning.formats import save_saelens
+
+    torch.manual_seed(1)
+    saelens = save_saelens(AutoEncoder(D_MODEL, 128), tmp_path / "saelens",
+                           model_name=str(trained["model"]), hook_name="blocks.1.hook_mlp_out")
+    with pytest.raises(ValueError, match=r"'blocks.1.hook_mlp_out'.* pass submodule="):
+        load_setting(saelens)
+    setting = load_setting(saelens, submodule="1.mlp")
+    assert (setting.submodule, setting.model_name) == ("gpt_neox.layers.1.mlp",
+                                                       str(trained["model"]))
+    # sparsify: the folder is the hookpoint, named in the base model (no model name).
+    folder = tmp_path / "sparsify" / "layers.1.mlp"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    save_file({"encoder.weight": torch.randn(128, D_MODEL, generator=g) / 8,
+               "encoder.bias": torch.zeros(128), "W_dec": torch.randn(128, D_MODEL, generator=g),
+               "b_dec": torch.zeros(D_MODEL)}, folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json_.dumps({"activation": "topk", "k": 8,
+                                                  "num_latents": 128, "d_in": D_MODEL,
+                                                  "transcode": True}))
+    with pytest.raises(ValueError, match="pass model="):
+        load_setting(folder)
+    setting = load_setting(folder, model=str(trained["model"]))
+    assert type(setting.dictionary).__name__ == "Transcoder"
+    assert (setting.submodule, setting.io) == ("gpt_neox.layers.1.mlp", "in_to_out")
