@@ -265,7 +265,8 @@ def score(dictionary, model, submodule: str, io: str, ctx_len: int, held: HeldOu
           batch_size: int = 32, where: str = "dictionary") -> dict:
     """Metrics of one dictionary on ``held``: :func:`reconstruction_metrics` over its
     batches (``feature_frequencies`` included) and, when it has loss texts,
-    :func:`loss_recovered` on them (with ``n_loss_tokens``)."""
+    :func:`loss_recovered` on them: the CE figures (with ``n_loss_tokens``) and the KL ones
+    (``kl_div``, ``kl_zero``, ``kl_score``, ``n_kl_tokens``)."""
     check_widths(dictionary, held, where)
     metrics = reconstruction_metrics(dictionary, held.batches)
     if not held.loss_texts:
