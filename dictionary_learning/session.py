@@ -144,8 +144,8 @@ def load_setting(path: str | os.PathLike, device: str = "cpu", *, model=None,
     config = folder_config(path)
     if io is None and "buffer" not in config and "io" in args:
         io = args["io"]
-    elif io is None and foreign == "sparsify" and type(dictionary).__name__ == "Transcoder":
-        io = "in_to_out"
+    elif io is None and foreign == "sparsify" and loaded["cfg"].get("transcode"):
+        io = "in_to_out"  # a transcoder reads the hookpoint's input, predicts its output
     if ctx_len is None and "buffer" not in config and "ctx_len" in args:
         ctx_len = args["ctx_len"]
     return Setting(model, dictionary, spec, io or target.io, int(ctx_len or target.ctx_len),
