@@ -69,7 +69,8 @@ def test_april_update_autoencoder_is_normalised_as_upstream_loads_it(tmp_path, c
 
 def test_autoencoder_new_keys_under_an_autoencoder_config_load_by_their_keys(tmp_path, caplog):
     g = torch.Generator().manual_seed(1)
-    sd = {"encoder.weight": torch.randn(M, D, generator=g), "encoder.bias": torch.randn(M, generator=g),
+    sd = {"encoder.weight": torch.randn(M, D, generator=g),
+          "encoder.bias": torch.randn(M, generator=g),
           "decoder.weight": torch.randn(D, M, generator=g) * 0.1,
           "decoder.bias": torch.randn(D, generator=g)}
     folder = upstream_folder(tmp_path / "new", sd, "AutoEncoder", "StandardTrainer")
