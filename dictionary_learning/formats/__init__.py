@@ -37,6 +37,7 @@ from pathlib import Path
 
 from . import gemmascope, goodfire, llamascope, mats, openai, saelens, sparsify
 from .common import read_pickle
+from .hub import save_to_hub
 from .saelens_export import save_saelens
 
 FORMATS = {module.NAME: module for module in (saelens, sparsify, gemmascope, llamascope, mats,
@@ -65,4 +66,5 @@ def pickle_format(obj) -> str | None:
     return None
 
 
-__all__ = ["FORMATS", "folder_format", "pickle_format", "read_pickle", "save_saelens"]
+__all__ = ["FORMATS", "folder_format", "pickle_format", "read_pickle", "save_saelens",
+           "save_to_hub"]
