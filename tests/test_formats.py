@@ -191,11 +191,13 @@ def test_saelens_pre_6_flat_config(tmp_path, activation, stored_as):
 # -- export ------------------------------------------------------------------------------
 
 EXPORTABLE = ["AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "JumpReluAutoEncoder",
-              "GatedAutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "TokenNormalizedSAE"]
+              "GatedAutoEncoder", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "TokenNormalizedSAE",
+              "TokenNormalizedGatedSAE"]
 # TokenNormalizedSAE exports as jumprelu (thresholds), topk or standard (no thresholds).
 EXPORT_CASES = [(name, {}) for name in EXPORTABLE] + [
     ("TokenNormalizedSAE", {"k": K}), ("TokenNormalizedSAE", {"normalization":
-                                                              "constant_norm_rescale"})]
+                                                              "constant_norm_rescale"}),
+    ("TokenNormalizedGatedSAE", {"normalization": "layer_norm"})]
 
 
 def built(name, seed=0, **overrides):

@@ -11,6 +11,7 @@ AutoEncoderNew              standard, apply_b_dec_to_input = false
 AutoEncoderTopK             topk (k), apply_b_dec_to_input = true
 JumpReluAutoEncoder         jumprelu, apply_b_dec_to_input = false
 GatedAutoEncoder            gated, apply_b_dec_to_input = true
+TokenNormalizedGatedSAE     gated with its normalize_activations
 BatchTopKSAE, Matryoshka    jumprelu with every threshold = the inference threshold
                             (``relu(pre) * (pre > t)`` is their inference for t >= 0)
 TokenNormalizedSAE          standard / topk / jumprelu with its normalize_activations
@@ -47,10 +48,11 @@ def _weights(ae) -> tuple[str, bool, dict, dict]:
     if name == "JumpReluAutoEncoder":
         return "jumprelu", False, {n: sd[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec",
                                                       "threshold")}, {}
-    if name == "GatedAutoEncoder":
+    if name in ("GatedAutoEncoder", "TokenNormalizedGatedSAE"):
+        extra = {"normalize_activations": ae.normalization} if "normalization_id" in sd else {}
         return "gated", True, {"W_enc": sd["encoder.weight"].T, "b_gate": sd["gate_bias"],
                                "b_mag": sd["mag_bias"], "r_mag": sd["r_mag"],
-                               "W_dec": sd["decoder.weight"].T, "b_dec": sd["decoder_bias"]}, {}
+                               "W_dec": sd["decoder.weight"].T, "b_dec": sd["decoder_bias"]}, extra
     if name in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
         sd = ae.inference_state_dict()[0]  # the threshold encode uses (a short run's too)
         t = float(sd["threshold"])
@@ -73,7 +75,8 @@ def _weights(ae) -> tuple[str, bool, dict, dict]:
         return arch, True, w, {"normalize_activations": ae.normalization, **({"k": k} if k else {})}
     raise ValueError(f"{name} has no SAELens counterpart; exportable classes: AutoEncoder, "
                      "AutoEncoderNew, AutoEncoderTopK, JumpReluAutoEncoder, GatedAutoEncoder, "
-                     "BatchTopKSAE, MatryoshkaBatchTopKSAE, TokenNormalizedSAE")
+                     "BatchTopKSAE, MatryoshkaBatchTopKSAE, TokenNormalizedSAE, "
+                     "TokenNormalizedGatedSAE")
 
 
 def save_saelens(ae, folder: str | Path, model_name: str | None = None,
