@@ -386,6 +386,22 @@ def upstream_folders():
         report("upstream AutoEncoderNew.from_pretrained, config says AutoEncoder",
                load_dictionary(folder)[0], ref.encode(X), ref(X))
 
+    for name in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
+                 "JumpReluAutoEncoder", "GatedAutoEncoder"):  # our folders, upstream's loader
+        ae = T.built(name)
+        if hasattr(ae, "normalize_decoder") and name != "JumpReluAutoEncoder":
+            ae.normalize_decoder()  # as trained here (upstream would normalise AutoEncoder)
+        folder = ROOT / "upstream" / f"ours-{name}"
+        folder.mkdir(parents=True)
+        torch.save(ae.state_dict(), folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps(
+            {"trainer": {"dict_class": name, "trainer_class": "Trainer", **ae.config()},
+             "buffer": {}}))
+        ref, _ = U.load_dictionary(str(folder), "cpu")
+        with torch.no_grad():
+            report(f"upstream load_dictionary of our {name} folder", load_dictionary(folder)[0],
+                   ref.encode(X), ref(X))
+
     def batches(n):
         g = torch.Generator().manual_seed(0)
         basis = torch.randn(T.M, T.D, generator=g)
