@@ -124,6 +124,8 @@ def test_what_the_cache_lacks_is_one_clear_error(tmp_path, offline):
         load_dictionary("hf://nobody/nothing/sae", cache_dir=cache)
     with pytest.raises(ValueError, match="is not a Hub path"):
         load_dictionary("hf://just-a-name", cache_dir=cache)
+    with pytest.raises(TypeError, match="as a string"):
+        load_dictionary(Path(f"hf://{REPO}/sae"), cache_dir=cache)
 
 
 def test_hf_hub_offline_environment_variable(tmp_path):

@@ -175,6 +175,9 @@ def resolve(path, repo_id: str | None = None, revision: str | None = None,
     its loader needs (a release's ``norm_scaling_factor``, when the cfg asks for one) and
     ``source`` = where it came from, as plain data."""
     options = dict(options or {})
+    if not isinstance(path, str) and str(path).startswith("hf:/"):
+        raise TypeError(f"{path!r}: pass a Hub path as a string (a Path turns hf:// into "
+                        "hf:/)")
     if release is None and repo_id is None and not is_hub_path(path):
         if registry is not None or cache_dir is not None:
             raise TypeError("registry and cache_dir apply to Hub paths, repo_id or release")
