@@ -9,7 +9,7 @@ either without asking which."""
 from .contexts import CacheRows, context_batches, fitting_keys
 from .manifest import CacheError, read_manifest
 from .reader import Cache, CachedActivations
-from .writer import expected_bytes, merge_parts, write_cache
+from .writer import merge_parts, write_cache
 
 __all__ = ["Cache", "CacheError", "CacheRows", "CachedActivations", "context_batches",
-           "expected_bytes", "fitting_keys", "merge_parts", "read_manifest", "write_cache"]
+           "fitting_keys", "merge_parts", "read_manifest", "write_cache"]

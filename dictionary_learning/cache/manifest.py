@@ -20,7 +20,6 @@ float64 from the stored values as the shards are written.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +140,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return f"{n} B"  # pragma: no cover
 
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import CacheError, human_bytes, read_manifest
+from .manifest import CacheError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,6 @@ class Cache:
                     out[k] = torch.empty((len(index), *t.shape[1:]), dtype=t.dtype)
                 out[k][where] = t[local]
         return out
-
-    def describe(self) -> str:
-        m = self.manifest
-        return (f"{self.n_tokens:,} tokens of {', '.join(m['submodules'])} ({m['io']}) of "
-                f"{m.get('model') or 'a model given in memory'}, {m['dtype']}, {len(self.shards)} shards, "
-                f"{human_bytes(sum(s['bytes'] for s in self.shards))}")
 
 
 class CachedActivations:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from ..train_run import _opt  # one field helper for both run dataclasses
 from .manifest import CacheError, human_bytes, read_manifest
 
 logger = logging.getLogger(__name__)
-
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)

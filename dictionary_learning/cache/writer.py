@@ -56,11 +56,6 @@ class _Chunk:
         return head, tail
 
 
-def expected_bytes(tokens: int, widths: list[int], dtype: torch.dtype) -> int:
-    """Disk bytes of a cache of ``tokens`` rows (shard headers aside)."""
-    return tokens * bytes_per_row([{"width": w} for w in widths], dtype)
-
-
 def write_cache(out: str | Path, model, texts: Iterable[str], submodule, *,
                 tokens: int | None, io: str = "out", ctx_len: int = 128,
                 refresh_batch_size: int = 32, pack: bool = False, remove_bos: bool = False,
