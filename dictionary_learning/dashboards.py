@@ -78,7 +78,10 @@ def metric_series(records: list[dict]) -> dict[str, tuple[list[int], list[float]
 def training_curves_figure(series: dict[str, tuple[list, list]], title: str | None = None):
     """A matplotlib ``Figure`` (Agg canvas, pyplot untouched) with one panel per series.
 
-    A panel whose positive values span more than two decades gets a log y axis.
+    A panel whose positive values span more than two decades gets a log y axis. On a
+    linear axis (``lr`` excepted), values far outside the range of the run after its first
+    fifth (the first steps' FVE of -60, say) are left off the y range, with a note saying
+    from which step the curve is in view, so that the trained values can be read.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -105,11 +108,45 @@ def training_curves_figure(series: dict[str, tuple[list, list]], title: str | No
         finite = [v for v in values if math.isfinite(v)]
         if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
             ax.set_yscale("log")
+        elif name != "lr":
+            _clip_early_outliers(ax, steps, values)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+SKIP_FRACTION = 0.2
+"""Share of the logged points, from the start, that may fall off a clipped panel."""
+
+
+def trained_range(values: list[float], skip_fraction: float = SKIP_FRACTION
+                  ) -> tuple[float, float] | None:
+    """y limits that show the values after the first ``skip_fraction`` of them (padded by
+    a tenth of their span), or None when the full range is at most twice that span (the
+    early values do not crowd the later ones out)."""
+    finite = [v for v in values if math.isfinite(v)]
+    later = finite[int(len(finite) * skip_fraction):]
+    if len(later) < 2:
+        return None
+    lo, hi = min(later), max(later)
+    span = hi - lo or max(abs(hi) * 0.1, 1e-12)
+    if max(finite) - min(finite) <= 2 * span:
+        return None
+    return lo - 0.1 * span, hi + 0.1 * span
+
+
+def _clip_early_outliers(ax, steps: list, values: list[float]) -> None:
+    limits = trained_range(values)
+    if limits is None:
+        return
+    ax.set_ylim(*limits)
+    lo, hi = limits
+    beyond = [s for s, v in zip(steps, values) if math.isfinite(v) and not lo <= v <= hi]
+    ax.text(0.98, 0.04, f"off the axis: {len(beyond)} point(s), the last at step "
+            f"{beyond[-1]:g}", transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+            color="0.35")
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path,

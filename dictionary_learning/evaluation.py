@@ -278,40 +278,18 @@ def evaluate(dictionary, activations, model=None, submodule=None, io: str | None
 
 
 def feature_frequency_histogram(frequencies, path, title: str | None = None,
-                                bins: int = 50) -> Path:
+                                bins: int = 50, n_tokens: int | None = None) -> Path:
     """Save a histogram of log10 feature frequency to ``path`` (PNG) and return the path.
 
-    Dead features (frequency 0) have no logarithm: they are counted and the count is written
-    on the plot. Uses matplotlib's Agg canvas directly, leaving pyplot's backend alone. The
-    file is written atomically: a failed or killed write leaves the old one.
+    Dead features (frequency 0) have no logarithm: they are counted and the count (over
+    ``n_tokens`` tokens, when given) is written on the plot, clear of the bars (see
+    :func:`~dictionary_learning.frequency_plots.frequency_histogram_figure`). Uses
+    matplotlib's Agg canvas directly, leaving pyplot's backend alone. The file is written
+    atomically: a failed or killed write leaves the old one.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("feature_frequency_histogram needs matplotlib: "
-                          "pip install matplotlib") from e
-    import numpy as np
+    from .frequency_plots import frequency_histogram_figure
 
-    freqs = torch.as_tensor(frequencies).detach().double().flatten().cpu().numpy()
-    if freqs.size == 0 or (freqs < 0).any() or (freqs > 1).any():
-        raise ValueError("frequencies must be a non-empty array of fractions in [0, 1]")
-    alive = freqs[freqs > 0]
-    n_dead = int(freqs.size - alive.size)
-    log_f = np.log10(alive)
-    lo = min(math.floor(log_f.min()), -1) if alive.size else -1
-    edges = np.linspace(lo, 0.0, bins + 1)  # equal in log10: log-spaced in frequency
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.hist(log_f, bins=edges, color="tab:blue")
-    ax.set_xlabel("log10(feature frequency)")
-    ax.set_ylabel("number of features")
-    ax.set_title(title or "Feature frequencies")
-    ax.text(0.02, 0.97, f"{n_dead} of {freqs.size} features dead (never fired, not shown)",
-            transform=ax.transAxes, va="top", fontsize=9)
-    fig.tight_layout()
+    fig = frequency_histogram_figure(frequencies, title, bins, n_tokens)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path

@@ -55,7 +55,8 @@ def evaluate_held_out(dictionaries, folders: list[Path], texts: list[str], model
         frequencies = metrics.pop("feature_frequencies")
         feature_frequency_histogram(frequencies, Path(folder) / HISTOGRAM_NAME,
                                     title=f"{submodule}, {type(dictionary).__name__} "
-                                          f"{dictionary.activation_dim}->{dictionary.dict_size}")
+                                          f"{dictionary.activation_dim}->{dictionary.dict_size}",
+                                    n_tokens=metrics["n_tokens"])
         write_json(Path(folder) / EVAL_NAME, metrics)  # NaN (no loss texts) -> null
         results.append(metrics)
     return results

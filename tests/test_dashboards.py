@@ -191,3 +191,91 @@ def test_wandb_arguments_reach_init(monkeypatch, tmp_path):
     assert calls[1:] == [("log", {"trainer_2/mse": 0.25}, 5), ("finish",)]
     with pytest.raises(ValueError, match="mode"):
         WandbLogger("p", mode="offlien")
+
+
+def fve_log(path, steps=200):
+    """An FVE curve like a real run's: -60 at the first step, then rising to ~0.86."""
+    with open(path, "w") as f:
+        for s in range(1, steps + 1):
+            fve = -60.0 / s ** 2 + 0.86 * (1 - 1 / (1 + s / 10))
+            f.write(json.dumps({"step": s, "frac_variance_explained": fve,
+                                "lr": 1e-3 * min(1, s / 50)}) + "\n")
+    return read_metrics(path)
+
+
+def test_fve_panel_shows_the_trained_range(tmp_path):
+    records = fve_log(tmp_path / "m.jsonl")
+    fig = training_curves_figure(metric_series(records))
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    fve = panels["frac_variance_explained"]
+    values = [r["frac_variance_explained"] for r in records]
+    lo, hi = fve.get_ylim()
+    later = values[len(values) // 5:]
+    assert lo <= min(later) and max(later) <= hi  # everything after the first fifth in view
+    assert hi - lo < 0.2 * (max(values) - min(values))  # the first steps' -60 is not
+    assert lo > -1 and hi < 1
+    (line,) = fve.get_lines()  # every point is still plotted, only the axis is clipped
+    assert list(line.get_ydata()) == values
+    off = [r["step"] for r in records if not lo <= r["frac_variance_explained"] <= hi]
+    notes = [t.get_text() for t in fve.texts]
+    assert notes == [f"off the axis: {len(off)} point(s), the last at step {off[-1]}"]
+    lr_lo, lr_hi = panels["lr"].get_ylim()  # lr is never clipped: its warm-up is the point
+    assert lr_lo <= 1e-3 / 50 and lr_hi >= 1e-3 and not panels["lr"].texts
+
+
+def test_a_curve_without_outliers_keeps_its_full_range(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "l0": 90 - s, "mse": 5 + (s % 7),
+                                       "frac_variance_explained": 0.5 + s / 100}) + "\n"
+                           for s in range(1, 40)))
+    fig = training_curves_figure(metric_series(read_metrics(log)))
+    for ax in fig.axes:
+        values = list(ax.get_lines()[0].get_ydata())
+        lo, hi = ax.get_ylim()
+        assert lo <= min(values) and max(values) <= hi, ax.get_title()
+        assert not ax.texts
+
+
+def _overlaps(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("n_tokens", [8159, None])
+def test_dead_feature_label_names_the_tokens_and_clears_the_bars(n_tokens):
+    import torch
+
+    from dictionary_learning.frequency_plots import frequency_histogram_figure
+
+    # Most features fire at a similar rate: the tallest bars sit at the left, under the label.
+    freqs = torch.cat([torch.full((1800,), 1e-4), torch.logspace(-3, -0.5, 200),
+                       torch.zeros(48)])
+    fig = frequency_histogram_figure(freqs, title="t", n_tokens=n_tokens)
+    (ax,) = fig.axes
+    (label,) = ax.texts
+    over = " in 8,159 tokens" if n_tokens else ""
+    assert label.get_text() == f"48 of 2,048 features dead (never fired{over}; not shown)"
+    renderer = fig.canvas.get_renderer()
+    box = label.get_window_extent(renderer=renderer)
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    assert max(p.get_height() for p in bars) >= 1800
+    for bar in bars:
+        assert not _overlaps(box, bar.get_window_extent(renderer=renderer))
+    assert box.y0 > max(bar.get_window_extent(renderer=renderer).y1 for bar in bars)
+
+
+def test_grid_labels_clear_the_bars():
+    import torch
+
+    from dictionary_learning.frequency_plots import frequency_grid_figure
+
+    freqs = torch.cat([torch.full((900,), 1e-4), torch.zeros(100)])
+    fig = frequency_grid_figure({"a": freqs, "b": freqs.flip(0)})
+    renderer = fig.canvas.get_renderer()
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        (label,) = ax.texts
+        assert label.get_text() == "100 of 1000 dead"
+        box = label.get_window_extent(renderer=renderer)
+        tops = [p.get_window_extent(renderer=renderer).y1 for p in ax.patches
+                if p.get_height() > 0]
+        assert max(p.get_height() for p in ax.patches) == 900 and box.y0 > max(tops)

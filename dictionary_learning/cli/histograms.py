@@ -42,17 +42,18 @@ def run(args: argparse.Namespace) -> int:
     for path, target, metrics, info in results:
         name = display_name(path, paths, args.dict_dirs)
         title = f"{name}\n{target.submodule}, {info['activation_dim']}->{info['dict_size']}"
-        panels[title] = (name, metrics.pop("feature_frequencies"))
+        panels[title] = (name, metrics.pop("feature_frequencies"), metrics["n_tokens"])
         png = out / (args.grid_name if args.grid else file_name(name))
         rows.append({"dictionary": name, "% alive": 100 * metrics["frac_alive"],
                      "L0": metrics["l0"], "tokens": metrics["n_tokens"], "png": str(png)})
         print(f"measured {name} ({len(rows)}/{len(paths)})", file=sys.stderr)
     if args.grid:
-        frequency_grid({title: freqs for title, (_, freqs) in panels.items()},
+        frequency_grid({title: freqs for title, (_, freqs, _) in panels.items()},
                        out / args.grid_name, columns=args.columns)
     else:
-        for title, (name, freqs) in panels.items():
-            feature_frequency_histogram(freqs, out / file_name(name), title=title)
+        for title, (name, freqs, n_tokens) in panels.items():
+            feature_frequency_histogram(freqs, out / file_name(name), title=title,
+                                        n_tokens=n_tokens)
     print(format_table(rows))
     return 0
 
