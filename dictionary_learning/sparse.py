@@ -69,10 +69,11 @@ class SparseCode:
 
 
 def _offsets(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
-    counts = torch.bincount(sorted_ids, minlength=n)
-    offsets = torch.zeros(n, dtype=torch.long, device=sorted_ids.device)
-    torch.cumsum(counts[:-1], dim=0, out=offsets[1:])
-    return offsets
+    """``[n]``: where each id's run starts in the non-decreasing ``sorted_ids`` (the number
+    of entries below it). A search, not ``bincount``, which waits for the device on CUDA
+    to learn its output size."""
+    return torch.searchsorted(sorted_ids, torch.arange(n, device=sorted_ids.device,
+                                                       dtype=sorted_ids.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,7 +105,9 @@ def batch_topk_code(pre: torch.Tensor, n: int) -> SparseCode:
     while c < m:
         cand_vals, cand_cols = pre.topk(c, dim=-1, sorted=False)
         picked = cand_vals.reshape(-1).topk(n, sorted=False).indices
-        if int(torch.bincount(picked // c, minlength=B).max()) < c:
+        per_row = torch.zeros(B, dtype=torch.long, device=pre.device).index_add_(
+            0, picked // c, torch.ones_like(picked))
+        if int(per_row.max()) < c:  # the one host sync of the selection
             flat = (picked // c) * m + cand_cols.reshape(-1)[picked]
             break
         c = min(m, 4 * c)

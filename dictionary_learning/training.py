@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
@@ -34,6 +36,8 @@ from tqdm.auto import tqdm
 from .base import Dictionary
 from .distributed import LOCAL, PeerLostError, current_batch
 from .files import WriteError
+from .compiling import compile_losses
+from .prefetch import Prefetcher
 from .saving import (CheckpointWriter, checkpoint_steps, prune_stream_states,
                      read_stream_state, read_trainer_state, save_stream_state,
                      stream_state_steps, stream_state_worlds)
@@ -65,48 +69,66 @@ def split_batch(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
                                                    non_blocking=True))
 
 
-def _to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch.to(device, non_blocking=True)
-
-
 class _Stream:
-    """The loop's view of its activation source. On a CUDA ``device`` the next batch is read
-    while the current one trains (its non-blocking copy from pinned memory overlaps the
-    step); elsewhere batches come as they are. A source with ``state_dict()`` /
-    ``load_state_dict()`` (an :class:`~dictionary_learning.buffer.ActivationBuffer`) is
-    resumable: the stream's state is the source's plus any batch read ahead but not yet
-    trained on, so a checkpoint never loses one."""
+    """The loop's view of its activation source.
 
-    def __init__(self, source: Iterable, device: torch.device):
+    With ``prefetch`` > 0 a producer thread reads up to that many batches ahead and moves
+    them to the device (:mod:`dictionary_learning.prefetch`), so collecting the next batch
+    (a buffer's refill) overlaps training; with 0 each batch is read when the loop asks.
+    A source with ``state_dict()`` / ``load_state_dict()`` (an
+    :class:`~dictionary_learning.buffer.ActivationBuffer`, a cache reader) is resumable:
+    the stream's state is the source's plus every batch read ahead but not yet trained on,
+    so a checkpoint never loses one. ``texts_read`` and ``wait_s`` are the consumer's: the
+    source's ``texts_seen`` after the last batch handed out, and the time spent waiting
+    for batches (blocked on the queue, or reading them without prefetch)."""
+
+    def __init__(self, source: Iterable, device: torch.device, prefetch: int | None):
         self.source, self.device = source, device
-        self._ahead: list = []  # batches read from the source, not yet trained on
+        self._ahead: list = []  # restored batches read ahead by the run that saved the state
+        self._prefetcher: Prefetcher | None = None
+        self.texts_read = getattr(source, "texts_seen", None)
+        self.wait_s = 0.0
         self.resumable = all(callable(getattr(source, name, None))
                              for name in ("state_dict", "load_state_dict"))
+        if prefetch is not None and (int(prefetch) != prefetch or prefetch < 0):
+            raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+        self.prefetch = (2 if self.resumable else 0) if prefetch is None else int(prefetch)
 
-    def __iter__(self) -> Iterator:
-        it = iter(self.source)
-        read_ahead = self.device.type == "cuda"
-        while True:
+    def batches(self, limit: int | None = None) -> Iterator:
+        """The batches to train on, at most ``limit`` of them."""
+        if self.prefetch > 0:
+            self._prefetcher = Prefetcher(self.source, self.device, self.prefetch, limit,
+                                          ahead=self._ahead)
+            self._ahead = []
+            while (got := self._prefetcher.get()) is not None:
+                self.wait_s = self._prefetcher.wait_s
+                batch, self.texts_read = got
+                yield batch
+            self.wait_s = self._prefetcher.wait_s
+            return
+        it, served = iter(self.source), 0
+        while limit is None or served < limit:
+            start = time.perf_counter()
             batch = self._ahead.pop(0) if self._ahead else next(it, None)
+            self.wait_s += time.perf_counter() - start
             if batch is None:
                 return
-            if read_ahead:
-                batch = _to_device(batch, self.device)
-                upcoming = next(it, None)
-                if upcoming is not None:
-                    self._ahead.append(upcoming)
+            served += 1
+            self.texts_read = getattr(self.source, "texts_seen", None)
             yield batch
 
     def state_dict(self) -> dict:
+        if self._prefetcher is not None:
+            return self._prefetcher.state_dict()
         return {"source": self.source.state_dict(), "ahead": list(self._ahead)}
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
         self._ahead = list(state["ahead"])
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close(timeout)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -179,7 +201,9 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
                        run_info: dict | None = None, progress: bool = True,
                        resume: bool = False, wandb_project: str | None = None,
                        on_nonfinite: str = "skip", max_skips: int = 10,
-                       shard_dictionaries: bool = False) -> list[Dictionary]:
+                       shard_dictionaries: bool = False, prefetch: int | None = None,
+                       compile: bool | str = False, stats: dict | None = None
+                       ) -> list[Dictionary]:
     """Train one dictionary per config from one stream of activation batches.
 
     ``activations`` yields tensors ``[B, d]``, ``(x_in, x_out)`` pairs, or — from a buffer
@@ -222,6 +246,17 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     process trains (and writes) its own dictionaries ``configs[rank::world]`` on the whole
     global batch; the list returned holds those, others are ``None``.
 
+    ``prefetch`` batches are read ahead by a thread of their own (a buffer's refill, the
+    copy to a CUDA device) while the current one trains; ``None`` (default) means 2 for a
+    resumable source (whose checkpoints save the batches read ahead) and 0 for a plain
+    iterable (the caller positions those by ``texts_read``, and a Ctrl-C stops at the batch
+    being made). ``compile=True`` runs each dictionary's loss through ``torch.compile``
+    (a string names the backend, e.g. ``"aot_eager"``); where compiling fails (no
+    compiler, an unsupported operation) it warns once and runs eagerly. A ``stats`` dict
+    is filled with the run's timing: ``wall_s``, ``data_wait_s`` (time the loop waited for
+    batches), their ratio ``data_wait_fraction``, ``steps``, ``prefetch`` and ``compiled``
+    (the dictionaries whose compiled loss ran).
+
     Every logged step goes to each folder's ``metrics.jsonl`` (plotted into
     ``training_curves.png`` at checkpoints and at the end) and, with ``wandb_project``, to
     one Weights & Biases run (``WANDB_MODE=offline`` works without network).
@@ -237,7 +272,7 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         raise ValueError(f"max_skips must be at least 1, got {max_skips}")
     save_at = _save_schedule(save_steps)
     device = torch.device(device)
-    stream = _Stream(activations, device)
+    stream = _Stream(activations, device, prefetch)
     buffer_config = dict(getattr(activations, "config", {}) or {})
     if run_info is None:
         run_info = {k: buffer_config.get(k) for k in ("lm_name", "submodule_name")}
@@ -284,15 +319,17 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
 
     def checkpoint():
         nonlocal last_checkpoint
+        # The stream's state first: a source that failed while read ahead raises here,
+        # before anything of this checkpoint is written.
+        stream_state = stream.state_dict() if stream.resumable else None
         try:
             for w in writers:
                 w.write_weights(step)
             if stream.resumable:
-                save_stream_state(save_dir, step, stream.state_dict(), rank, world)
+                save_stream_state(save_dir, step, stream_state, rank, world)
             dp.all_true(True)  # every rank's stream state is on disk
             for w in writers:  # written last: they mark the checkpoint complete
-                w.write_state(step, n_tokens, texts_read=getattr(activations, "texts_seen",
-                                                                 None))
+                w.write_state(step, n_tokens, texts_read=stream.texts_read)
         except WriteError as e:
             raise WriteError(e.errno, f"{e.strerror}; {_resume_hint(last_checkpoint, save_dir)}"
                              ) from e
@@ -304,9 +341,12 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     bar = tqdm(total=steps, initial=step, desc="Training", unit="step",
                disable=not progress or not main)
     first_step, start_tokens = step, n_tokens
+    uncompile = (compile_losses(trainers, None if compile is True else compile)
+                 if compile else None)
+    start_time = time.perf_counter()
     try:
         with _DeferredInterrupt() as interrupt:
-            batches = iter(stream)
+            batches = stream.batches(None if steps is None else max(0, steps - step))
             while steps is None or step < steps:
                 batch = next(batches, None)
                 # Every rank stops when one has run out, and all stop at a Ctrl-C on any.
@@ -338,9 +378,23 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     except PeerLostError as e:
         raise PeerLostError(f"{e}; {_resume_hint(last_checkpoint, save_dir)}") from e
     finally:
+        # After a Ctrl-C, do not wait long for a refill the producer may be in the middle of.
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        stream.close(timeout=10.0 if interrupted else None)
+        wall = time.perf_counter() - start_time
+        if stats is not None:
+            stats.update(steps=step - first_step, wall_s=wall, data_wait_s=stream.wait_s,
+                         data_wait_fraction=stream.wait_s / wall if wall > 0 else 0.0,
+                         prefetch=stream.prefetch,
+                         compiled=[] if uncompile is None else uncompile.compiled())
+        if uncompile is not None:
+            uncompile()
         bar.close()
         if wandb is not None:
             wandb.finish()
+    logger.info("%d steps in %.1f s, %.1f%% of it waiting for activations (prefetch %d)",
+                step - first_step, wall, 100.0 * stream.wait_s / max(wall, 1e-12),
+                stream.prefetch)
     if steps is not None and step < steps and main:
         logger.warning("activations ran out after %d of %d steps", step, steps)
     for i, t in enumerate(trainers):
