@@ -19,6 +19,15 @@ files do not match their recorded hashes is rebuilt, with a warning.
 
 The number of steps is fixed (not a time budget), so a build is deterministic given the
 seed and the number of CPU threads (float sums can round differently across thread counts).
+:func:`demo_language_model` builds in a fresh Python process and then loads the model back
+from the cache, exactly as every later call does. Reading the standard library's docstrings
+imports modules, and which docstrings a module shows depends on what the process imported
+before (a package gains its imported submodules as attributes); a build inside the calling
+process would leave it reading a different text than a process that found the model cached,
+so a first demo run would differ from every later one.
+
+Named demo models (``--model demo``, ``--model demo-quick``): :data:`DEMO_LM_CONFIG`, and
+:data:`QUICK_DEMO_LM_CONFIG`, a smaller model built in well under a minute for the quick demo.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -86,6 +97,15 @@ class DemoLMConfig:
 
 
 DEMO_LM_CONFIG = DemoLMConfig()
+QUICK_DEMO_LM_CONFIG = DemoLMConfig(n_layers=2, d_model=128, n_heads=4, d_mlp=512,
+                                    vocab_size=2048, batch_size=16, steps=200, lr=3e-3,
+                                    warmup_steps=10)
+
+
+def demo_config(name: str) -> DemoLMConfig | None:
+    """The config of a named demo model (``demo``, ``demo-quick``), else None. Read at call
+    time, so that a test may replace :data:`DEMO_LM_CONFIG`."""
+    return {"demo": DEMO_LM_CONFIG, "demo-quick": QUICK_DEMO_LM_CONFIG}.get(name)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -108,7 +128,8 @@ def demo_lm_path(config: DemoLMConfig = DEMO_LM_CONFIG,
 def demo_language_model(cache_dir: str | Path | None = None, device: str = "cpu",
                         progress: bool = True, config: DemoLMConfig = DEMO_LM_CONFIG):
     """The demo model as an nnsight ``LanguageModel``: loaded from the cache (seconds), or
-    built and cached first (minutes, once). A corrupt cache folder is rebuilt."""
+    built and cached first (minutes, once, in a fresh process: see the module docstring),
+    then loaded from the cache. A corrupt cache folder is rebuilt."""
     path = demo_lm_path(config, cache_dir)
     if path.exists():
         try:
@@ -117,8 +138,26 @@ def demo_language_model(cache_dir: str | Path | None = None, device: str = "cpu"
             logger.warning("the cached demo model is unusable (%s): rebuilding it", e)
             shutil.rmtree(path)
     logger.info("building the demo language model once (a few minutes); cached at %s", path)
-    build_demo_lm(path, config, progress=progress)
+    build_in_fresh_process(path, config, progress=progress)
     return load_demo_lm(path, device, expect=config)
+
+
+def build_in_fresh_process(out_dir: str | Path, config: DemoLMConfig = DEMO_LM_CONFIG,
+                           progress: bool = True) -> None:
+    """:func:`build_demo_lm` run by a new Python process (same interpreter, import path,
+    torch thread count and log level), so that neither the build nor this process depends
+    on what the other imported."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    command = [sys.executable, "-m", __name__, str(out_dir),
+               json.dumps(dataclasses.asdict(config)), "--threads", str(torch.get_num_threads()),
+               "--log-level", str(logging.getLogger().getEffectiveLevel())]
+    if not progress:
+        command.append("--no-progress")
+    done = subprocess.run(command, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the demo language model into {out_dir} failed (exit "
+                           f"status {done.returncode}; its error is printed above)")
 
 
 class CorruptCacheError(ValueError):
@@ -332,3 +371,26 @@ def build_demo_lm(out_dir: str | Path, config: DemoLMConfig = DEMO_LM_CONFIG,
     logger.info("demo LM built in %.0f s: held-out loss %.3f nats vs unigram entropy %.3f",
                 record["wall_seconds"], record["heldout_loss"], record["heldout_unigram_entropy"])
     return record
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m dictionary_learning.demo_lm OUT_DIR CONFIG_JSON``: what
+    :func:`build_in_fresh_process` runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("config", help="DemoLMConfig fields as a JSON object")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-level", type=int, default=logging.WARNING)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s:%(name)s:%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    build_demo_lm(args.out_dir, DemoLMConfig(**json.loads(args.config)),
+                  progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    _main()

@@ -188,9 +188,15 @@ PRESETS: dict[str, dict] = {
         sparsity_penalty=(1.0,), steps=500, epochs=4, pack=True, batch_size=1024,
         ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=50, resample_steps=200,
         save_steps=200, save_dir="runs/demo", eval_texts=150, eval_loss_texts=150),
+    "demo-quick": dict(
+        model="demo-quick", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
+        sparsity_penalty=(1.0,), steps=300, epochs=2, pack=True, batch_size=1024,
+        ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=30, resample_steps=100,
+        save_dir="runs/demo-quick", eval_texts=150, eval_loss_texts=150),
 }
 """Named sets of defaults. ``demo`` needs no network: the small model trained here once
-and cached (:mod:`dictionary_learning.demo_lm`) and the standard library's docstrings."""
+and cached (:mod:`dictionary_learning.demo_lm`) and the standard library's docstrings.
+``demo-quick`` is the same on a smaller demo model (its own cache folder), for fewer steps."""
 
 ARGS_NAME = "train_args.json"
 
@@ -289,11 +295,11 @@ def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress:
                device_map: str | None = None):
     """The run's nnsight model: ``demo`` (built once, cached), else a hub id or a folder
     (spread over devices by accelerate with ``device_map``)."""
-    if name == "demo":
-        from . import demo_lm
+    from . import demo_lm
 
+    if demo_lm.demo_config(name) is not None:
         return demo_lm.demo_language_model(device=device, progress=progress,
-                                           config=demo_lm.DEMO_LM_CONFIG)
+                                           config=demo_lm.demo_config(name))
     from .sources import load_model
 
     return load_model(name, device=device, dtype=None if dtype == "float32" else dtype,

@@ -115,9 +115,35 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
         return config.lr
 
     monkeypatch.setattr(demo_lm, "lr_at", fail_mid_training)
-    with pytest.raises(Interrupted):
-        demo_language_model(cache_dir=tmp_path, progress=False, config=TINY)
+    with pytest.raises(Interrupted):  # in this process (demo_language_model builds in another)
+        demo_lm.build_demo_lm(demo_lm_path(TINY, tmp_path), TINY, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_build_in_its_own_process_says_so_and_leaves_no_cache(tmp_path):
+    bad = dataclasses.replace(TINY, n_docs=1)  # one docstring: none left to train on
+    with pytest.raises(RuntimeError, match="building the demo language model"):
+        demo_language_model(cache_dir=tmp_path, progress=False, config=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_runs_in_a_fresh_process_and_the_model_is_loaded_back(tmp_path,
+                                                                       monkeypatch):
+    """Nothing of the build runs here: the model returned is the one read from the cache
+    folder (what a later call loads), and the build's tokenizer training never ran in
+    this process."""
+    def not_here(*args, **kwargs):
+        raise AssertionError("the build ran in the calling process")
+
+    monkeypatch.setattr(demo_lm, "build_demo_lm", not_here)
+    monkeypatch.setattr(demo_lm, "_build_into", not_here)
+    loaded = []
+    real_load = demo_lm.load_demo_lm
+    monkeypatch.setattr(demo_lm, "load_demo_lm",
+                        lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    model = demo_language_model(cache_dir=tmp_path, progress=False, config=TINY)
+    assert loaded == [demo_lm_path(TINY, tmp_path)]
+    assert model.tokenizer.padding_side == "left"
 
 
 def test_corrupt_cache_is_rebuilt_identically(built, tmp_path, caplog):

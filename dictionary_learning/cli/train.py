@@ -10,6 +10,7 @@ import time
 import typing
 
 from ..loading import read_config
+from ..next_steps import next_steps_text
 from ..train_run import PRESETS, TrainRun, read_run_args, run_training
 from ..training import TrainingInterrupted
 from .common import CLIError, format_table
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
           "feature_frequencies.png, checkpoints/")
     for folder in result.folders:
         print(f"  {folder}/")
+    print(next_steps_text(shown, result.folders))
     print(f"\nDone in {time.perf_counter() - start:.0f} s")
     return 0
 
