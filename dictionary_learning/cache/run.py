@@ -70,8 +70,12 @@ class CacheRun:
 
 
 PRESETS = {"demo": dict(model="demo", data="stdlib", submodule=("1.mlp",), pack=True,
-                        refresh_batch_size=16, skip_texts=150, out="runs/demo_cache")}
-"""``demo``: the activations ``train --preset demo`` trains on (offline)."""
+                        refresh_batch_size=16, skip_texts=150, out="runs/demo_cache"),
+           "demo-quick": dict(model="demo-quick", data="stdlib", submodule=("1.mlp",),
+                              pack=True, refresh_batch_size=16, skip_texts=150,
+                              out="runs/demo-quick_cache")}
+"""``demo`` (``demo-quick``): the activations ``train --preset demo`` (``demo-quick``)
+trains on (offline)."""
 
 
 def run_cache(run: CacheRun, resume: bool = False, overwrite: bool = False,
