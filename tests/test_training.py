@@ -25,13 +25,14 @@ def test_step_equals_textbook_sae_step():
     cfg = TrainerConfig(8, 24, lr=1e-2, sparsity_penalty=0.1, warmup_steps=4)
     trainer = Trainer(cfg)
     ae = trainer.dictionary
+    xs = [torch.randn(32, 8) for _ in range(3)]
+    trainer.start(xs[0], xs[0])  # the data-fitted encoder scale: the reference starts after it
     b, We, be, Wd = (ae.bias.detach().clone().requires_grad_(),
                      ae.encoder.weight.detach().clone().requires_grad_(),
                      ae.encoder.bias.detach().clone().requires_grad_(),
                      ae.decoder.weight.detach().clone().requires_grad_())
     opt = torch.optim.Adam([b, We, be, Wd], lr=cfg.lr)
-    for step in range(3):
-        x = torch.randn(32, 8)
+    for step, x in enumerate(xs):
         trainer.step(step, x, x)
         # Reference: f = relu(We (x - b) + be), x_hat = Wd f + b.
         f = torch.relu((x - b) @ We.T + be)

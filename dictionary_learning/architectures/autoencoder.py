@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..base import Dictionary, check_keys, check_width
 from ..registry import register
+from .init import fit_encoder_scale
 
 
 @register
@@ -17,6 +18,10 @@ class AutoEncoder(Dictionary):
     ``f = relu(encoder(x - bias))``, ``x_hat = decoder(f) + bias``.
     Stored: ``bias [d]``, ``encoder.weight [m, d]``, ``encoder.bias [m]``,
     ``decoder.weight [d, m]`` (column ``i`` is feature ``i``).
+
+    Initialisation: random unit decoder columns, encoder rows equal to them, biases zero;
+    before the first step the encoder rows are scaled to the least-squares fit of the first
+    batch (about ``2 d / m``; see :mod:`.init`). Upstream uses a fixed 0.1 for both.
     """
 
     _feature_axis = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
@@ -41,6 +46,12 @@ class AutoEncoder(Dictionary):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         check_width(f, self.dict_size, f"{type(self).__name__}.decode")
         return self.decoder(f) + self.bias
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Scale the tied encoder rows to the least-squares fit of the first batch
+        (:func:`~dictionary_learning.architectures.init.fit_encoder_scale`)."""
+        fit_encoder_scale(self, x, target)
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..base import (Dictionary, LossContext, LossOutput, check_keys, check_width, l1_loss,
                     reconstruction_loss)
 from ..registry import register
+from .init import fit_encoder_scale
 from .token_normalized import NORMALIZATIONS, TokenNormalizedSAE
 
 
@@ -29,7 +30,8 @@ class GatedAutoEncoder(Dictionary):
     sparsity term); ``aux``, the error of reconstructing from ``relu(z + gate_bias)``
     through the decoder and ``decoder_bias`` detached, which trains the gate path to
     reconstruct. ``sparsity="l1"``. The encoder starts as the decoder's transpose
-    (upstream keeps ``nn.Linear``'s default initialisation).
+    (upstream keeps ``nn.Linear``'s default initialisation), scaled before the first step
+    to the least-squares fit of the first batch (:mod:`.init`).
     """
 
     _feature_axis = {"encoder.weight": 0, "r_mag": 0, "gate_bias": 0, "mag_bias": 0,
@@ -72,6 +74,12 @@ class GatedAutoEncoder(Dictionary):
         terms = {"mse": reconstruction_loss(self.decode(f), target), "l1": l1_loss(gate),
                  "aux": reconstruction_loss(x_hat_gate, target)}
         return LossOutput(terms, f, sparsity="l1")
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Scale the tied encoder rows to the least-squares fit of the first batch
+        (:func:`~dictionary_learning.architectures.init.fit_encoder_scale`)."""
+        fit_encoder_scale(self, x, target)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..base import Dictionary, LossContext, LossOutput, check_keys, check_width, reconstruction_loss
 from ..registry import register
+from .init import fit_encoder_scale
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,9 @@ class JumpReluAutoEncoder(Dictionary):
     uses 1.0). Unlike upstream, which feeds the jumped features to the step function, the
     L0 estimator uses the pre-activations, as in the paper. The sparsity term is named
     ``l0_deviation`` (the measured L0 is logged as ``l0``).
+
+    Initialisation: tied unit rows, ``b_enc = b_dec = 0``; before the first step the
+    encoder rows are scaled to the least-squares fit of the first batch (:mod:`.init`).
     """
 
     _feature_axis = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
@@ -112,6 +116,12 @@ class JumpReluAutoEncoder(Dictionary):
         terms = {"mse": reconstruction_loss(self.decode(f), target),
                  "l0_deviation": (l0 / self.target_l0 - 1).pow(2)}
         return LossOutput(terms, f, sparsity="l0_deviation")
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Scale the tied encoder rows to the least-squares fit of the first batch
+        (:func:`~dictionary_learning.architectures.init.fit_encoder_scale`)."""
+        fit_encoder_scale(self, x, target)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
