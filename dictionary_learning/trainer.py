@@ -9,6 +9,8 @@ The loop over a stream of activations, which drives one Trainer per dictionary, 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,8 +34,9 @@ class TrainerConfig:
     """Width of the activations fed to the encoder."""
     dict_size: int
     """Number of features (m)."""
-    lr: float = 1e-3
-    """Peak Adam learning rate."""
+    lr: float | None = None
+    """Peak Adam learning rate. ``None``: 1e-3, or for the TopK family
+    ``min(1e-3, 2e-4 / sqrt(dict_size / 2**14))`` (Gao et al.'s width scaling, as upstream)."""
     sparsity_penalty: float = 1e-3
     """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
     architectures whose sparsity is structural (TopK)."""
@@ -45,8 +48,9 @@ class TrainerConfig:
     """Width of the reconstruction target when it differs (``MLPStretcher``)."""
     dict_kwargs: dict = field(default_factory=dict)
     """Further constructor arguments of the class (``k``, ``group_sizes``, ...)."""
-    warmup_steps: int = 1000
-    """Linear learning-rate warm-up, from the start and again after each resampling."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up, from the start and again after each resampling.
+    ``None``: a tenth of the run, at most 1000 steps (1000 when the length is unknown)."""
     decay_start: int | None = None
     """Step from which the learning rate decays linearly to 0 at the last step (needs a
     known number of steps)."""
@@ -59,8 +63,13 @@ class TrainerConfig:
     folded back into the saved weights, so saved dictionaries take raw activations."""
     resample_steps: int | None = None
     """Every this many steps, features that did not fire in the window are resampled."""
-    dead_feature_tokens: int = 10_000_000
-    """A feature that has not fired for this many tokens is dead (for AuxK-style losses)."""
+    dead_feature_tokens: int | None = None
+    """A feature that has not fired for this many tokens is dead (for AuxK-style losses).
+    ``None`` (with ``dead_feature_steps`` unset too): 10M tokens, or a tenth of the run's
+    steps when that is shorter, so a short run gets AuxK too."""
+    dead_feature_steps: int | None = None
+    """A feature that has not fired for this many steps is dead too (resolved from the
+    run's length when neither dead-feature window is given)."""
     submodule: str | None = None
     """Which submodule's activations to train on, when the stream serves several."""
     autocast_dtype: str | None = None
@@ -77,7 +86,7 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "decay_start", "sparsity_warmup_steps", "grad_clip_norm",
-                     "resample_steps", "dead_feature_tokens"):
+                     "resample_steps", "dead_feature_tokens", "dead_feature_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name in ("warmup_steps", "decay_start")
                                               else 1e-12):
@@ -85,7 +94,7 @@ class TrainerConfig:
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{self.autocast_dtype!r}")
-        if self.lr <= 0 or self.sparsity_penalty < 0:
+        if (self.lr is not None and self.lr <= 0) or self.sparsity_penalty < 0:
             raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
                              f"sparsity_penalty={self.sparsity_penalty}")
 
@@ -100,6 +109,84 @@ class TrainerConfig:
             return cls(self.activation_dim, self.dict_size, **extra)
         except TypeError as e:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
+
+
+DEFAULT_LR = 1e-3
+DEFAULT_WARMUP_STEPS = 1000
+DEFAULT_DEAD_FEATURE_TOKENS = 10_000_000
+RUN_FRACTION = 0.1
+"""The automatic warm-up and dead-feature window of a run of known length: this fraction
+of its steps (warm-up at most :data:`DEFAULT_WARMUP_STEPS`)."""
+TOPK_FAMILY = ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def default_lr(dict_class: str, dict_size: int) -> float:
+    """1e-3; for the TopK family Gao et al.'s ``2e-4 / sqrt(m / 2**14)``, at most 1e-3."""
+    if dict_class in TOPK_FAMILY:
+        return min(DEFAULT_LR, 2e-4 / math.sqrt(dict_size / 2 ** 14))
+    return DEFAULT_LR
+
+
+def resolve_schedules(config: TrainerConfig, total_steps: int | None) -> TrainerConfig:
+    """``config`` with every field left to the run (``None``) made concrete, from the run's
+    length when it is known; explicit values are kept as given (and warned about, once,
+    when they do not fit the run: a warm-up the run never leaves, a window it never
+    reaches). Resolving a resolved config changes nothing.
+
+    - ``lr``: :func:`default_lr`;
+    - ``warmup_steps``: ``RUN_FRACTION`` of the run, at most 1000 (1000 when unknown);
+    - ``dead_feature_tokens`` / ``dead_feature_steps`` (both unset): 10M tokens, and
+      ``RUN_FRACTION`` of the run's steps, whichever comes first;
+    - a batch-top-k dictionary's ``threshold_start_step`` / ``threshold_beta`` not in
+      ``dict_kwargs``: :func:`~dictionary_learning.architectures.batch_topk.threshold_schedule`.
+    """
+    changes, n = {}, total_steps
+    if config.lr is None:
+        changes["lr"] = default_lr(config.dict_class, config.dict_size)
+    if config.warmup_steps is None:
+        changes["warmup_steps"] = (DEFAULT_WARMUP_STEPS if n is None else
+                                   min(DEFAULT_WARMUP_STEPS, max(1, round(RUN_FRACTION * n))))
+    if config.dead_feature_tokens is None:
+        changes["dead_feature_tokens"] = DEFAULT_DEAD_FEATURE_TOKENS
+        if config.dead_feature_steps is None and n is not None:
+            changes["dead_feature_steps"] = max(1, round(RUN_FRACTION * n))
+    params = inspect.signature(get_dictionary_class(config.dict_class)).parameters
+    if n is not None and "threshold_start_step" in params:
+        from .architectures.batch_topk import threshold_schedule
+
+        schedule = {k: v for k, v in threshold_schedule(n).items()
+                    if k not in config.dict_kwargs}
+        if schedule:
+            changes["dict_kwargs"] = {**config.dict_kwargs, **schedule}
+    resolved = dataclasses.replace(config, **changes) if changes else config
+    if n is not None:
+        _check_fits(resolved, n)
+    return resolved
+
+
+def _check_fits(config: TrainerConfig, n: int) -> None:
+    """Warn (once per message) about explicit schedules a run of ``n`` steps never ends."""
+    what = config.dict_class
+    for name, value, effect in (
+            ("warmup_steps", config.warmup_steps,
+             "the learning rate never reaches its peak"),
+            ("sparsity_warmup_steps", config.sparsity_warmup_steps,
+             "the sparsity penalty never reaches its value"),
+            ("resample_steps", config.resample_steps, "no feature is ever resampled"),
+            ("threshold_start_step", config.dict_kwargs.get("threshold_start_step"),
+             "the inference threshold is never estimated by the running average")):
+        if value is not None and value >= n:
+            _warn_once(f"{what}: {name}={value} is not shorter than the run ({n} steps): "
+                       f"{effect}; give a smaller value (or leave it unset to scale with "
+                       "the run)")
 
 
 def nonfinite_checks(x: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
@@ -156,6 +243,9 @@ class Trainer:
         self.total_steps = total_steps
         if config.decay_start is not None and total_steps is None:
             raise ValueError("decay_start needs a known number of steps: pass steps")
+        # The config as trained: schedules left unset are resolved from the run's length.
+        self.requested_config = config
+        self.config = config = resolve_schedules(config, total_steps)
         self.dictionary = config.build().to(device)
         self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=config.lr)
         m = self.dictionary.dict_size
@@ -208,6 +298,14 @@ class Trainer:
         self.started = True
         return True
 
+    def dead_features(self) -> torch.Tensor:
+        """Bool ``[m]``: features that have not fired within the dead-feature window(s)."""
+        cfg = self.config
+        dead = self.tokens_since_active >= cfg.dead_feature_tokens
+        if cfg.dead_feature_steps is not None:
+            dead |= self.steps_since_active >= cfg.dead_feature_steps
+        return dead
+
     def lr_at(self, step: int) -> float:
         cfg = self.config
         factor = 1.0 if cfg.warmup_steps == 0 else min(
@@ -237,9 +335,7 @@ class Trainer:
             x, target = x * self.activation_scale, target * self.activation_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ctx = LossContext(penalty=cfg.penalty,
-                          dead=self.tokens_since_active >= cfg.dead_feature_tokens,
-                          batch=self.batch)
+        ctx = LossContext(penalty=cfg.penalty, dead=self.dead_features(), batch=self.batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             out = ae.loss_terms(x, target, ctx)

@@ -15,6 +15,17 @@ from .topk import AutoEncoderTopK
 EARLY_THRESHOLD_BETA = 0.9
 
 
+def threshold_schedule(total_steps: int) -> dict:
+    """When a batch-top-k dictionary of a run of ``total_steps`` starts estimating its
+    inference threshold, and how fast the running average forgets: upstream's 1000 steps
+    and 0.999 for long runs; in a short run, a quarter of it and a horizon of a tenth of
+    the rest, so the threshold reflects the trained dictionary rather than its first steps
+    (0.999 over 375 steps keeps 69% of the first estimate)."""
+    start = min(1000, total_steps // 4)
+    beta = min(0.999, max(0.0, 1 - 10 / max(1, total_steps - start)))
+    return {"threshold_start_step": start, "threshold_beta": beta}
+
+
 def threshold_encode(post: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
     """Inference encoding of the batch-top-k family: ``post * (post > threshold)`` once the
     threshold is estimated (``>= 0``); before that, each token's ``k`` largest of ``post``."""

@@ -1,0 +1,138 @@
+"""Issue 19: the ReLU family's data-fitted encoder scale, schedules that follow the run's
+length (warm-up, dead-feature window, batch-top-k threshold start), and the quality
+module on a tiny budget."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from dictionary_learning import trainer as trainer_module
+from dictionary_learning.architectures.batch_topk import threshold_schedule
+from dictionary_learning.demo_lm import DemoLMConfig
+from dictionary_learning.quality import QualitySetup, format_table, run_quality, write_report
+from dictionary_learning.trainer import Trainer, TrainerConfig, resolve_schedules
+
+RELU_FAMILY = ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder"]
+
+
+def offset_data(n=2048, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 2 + torch.randn(d, generator=g)
+
+
+@pytest.mark.parametrize("cls", RELU_FAMILY)
+def test_first_batch_fixes_the_least_squares_encoder_scale(cls):
+    """After start(): encoder rows are the tied decoder rows times one scale s, and s
+    minimises the first reconstruction's squared error (a nearby scale is worse), which
+    is then below the data's energy (the unscaled init is far above it)."""
+    d, m = 16, 256
+    x = offset_data(d=d)
+    t = Trainer(TrainerConfig(d, m, dict_class=cls), total_steps=10)
+    ae = t.dictionary
+    unscaled = (x - ae(x)).pow(2).sum(-1).mean()
+    t.start(x, x)
+    norms = ae.W_enc.detach().norm(dim=-1)
+    s = float(norms.mean())
+    torch.testing.assert_close(norms, torch.full_like(norms, s))
+    torch.testing.assert_close(ae.W_enc.detach() / s, ae.W_dec.detach())  # still tied, decoder unit rows
+    assert 0.5 * 2 * d / m < s < 2 * 2 * d / m, s  # about 2d/m
+
+    def mse(scale):
+        with torch.no_grad():
+            ae.W_enc.mul_(scale)
+            error = (x - ae(x)).pow(2).sum(-1).mean()
+            ae.W_enc.div_(scale)
+        return float(error)
+
+    best = mse(1.0)
+    assert best < mse(0.95) and best < mse(1.05)
+    assert best < float(x.pow(2).sum(-1).mean()) < float(unscaled)
+
+
+def test_short_run_leaves_warm_up_and_long_run_keeps_1000():
+    short = Trainer(TrainerConfig(8, 32), total_steps=30)
+    assert short.config.warmup_steps == 3
+    assert short.lr_at(2) == short.config.lr and short.lr_at(0) < short.config.lr
+    assert Trainer(TrainerConfig(8, 32), total_steps=50_000).config.warmup_steps == 1000
+    assert Trainer(TrainerConfig(8, 32)).config.warmup_steps == 1000  # length unknown
+
+
+def test_explicit_values_are_honoured_and_a_misfit_is_warned_once(caplog):
+    trainer_module._warned.clear()
+    cfg = TrainerConfig(8, 32, lr=3e-3, warmup_steps=1000, dead_feature_tokens=5,
+                        sparsity_warmup_steps=40)
+    with caplog.at_level(logging.WARNING, logger="dictionary_learning.trainer"):
+        for _ in range(2):
+            t = Trainer(cfg, total_steps=30)
+    assert t.config == cfg  # nothing resolved: every field was given
+    assert t.lr_at(29) < cfg.lr  # the run never leaves warm-up, as asked
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("warmup_steps=1000" in m for m in messages) == 1
+    assert sum("sparsity_warmup_steps=40" in m for m in messages) == 1
+
+
+def test_resolution_is_idempotent_and_follows_the_run():
+    for cls, kwargs in [("AutoEncoder", {}), ("BatchTopKSAE", {"k": 4}),
+                        ("MatryoshkaBatchTopKSAE", {"k": 4, "group_sizes": [8, 24]})]:
+        cfg = TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs)
+        once = resolve_schedules(cfg, 200)
+        assert resolve_schedules(once, 200) == once
+        assert once.dead_feature_tokens == 10_000_000 and once.dead_feature_steps == 20
+        if cls != "AutoEncoder":
+            assert {k: once.dict_kwargs[k] for k in threshold_schedule(200)} == \
+                threshold_schedule(200)
+    given = TrainerConfig(8, 32, dict_class="BatchTopKSAE",
+                          dict_kwargs={"k": 4, "threshold_start_step": 7})
+    assert resolve_schedules(given, 200).dict_kwargs["threshold_start_step"] == 7
+    assert resolve_schedules(TrainerConfig(8, 32), None).dead_feature_steps is None
+
+
+def test_topk_family_lr_scales_with_width():
+    assert resolve_schedules(TrainerConfig(256, 4096, dict_class="AutoEncoderTopK",
+                                           dict_kwargs={"k": 8}), 10).lr == \
+        pytest.approx(2e-4 / (4096 / 2 ** 14) ** 0.5)
+    assert resolve_schedules(TrainerConfig(256, 4096), 10).lr == 1e-3
+    assert resolve_schedules(TrainerConfig(8, 32, dict_class="AutoEncoderTopK",
+                                           dict_kwargs={"k": 8}), 10).lr == 1e-3  # capped
+
+
+@pytest.mark.parametrize("cls", ["AutoEncoderTopK", "BatchTopKSAE"])
+def test_auxk_switches_on_in_a_short_run_only_with_the_scaled_window(cls):
+    """Features that never fire (their encoder bias pushed far down) count as dead after a
+    tenth of a 60-step run, so the auxk term is nonzero; with the old fixed 10M-token
+    window it stays exactly 0."""
+    x = offset_data(n=256)
+
+    def auxk_terms(**extra):
+        t = Trainer(TrainerConfig(16, 64, dict_class=cls, dict_kwargs={"k": 4}, **extra),
+                    total_steps=60)
+        with torch.no_grad():
+            t.dictionary.b_enc[:32] = -1e3  # half the features can never fire
+        return [float(t.step(i, x, x).out.terms["auxk"]) for i in range(12)]
+
+    scaled = auxk_terms()
+    assert scaled[:6] == [0.0] * 6 and all(v > 0 for v in scaled[6:]), scaled
+    assert auxk_terms(dead_feature_tokens=10_000_000) == [0.0] * 12
+
+
+TINY_LM = DemoLMConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64, vocab_size=300,
+                       ctx_len=32, batch_size=8, steps=5, warmup_steps=1, lr=3e-3, n_docs=200)
+
+
+def test_quality_runs_on_a_tiny_budget_and_writes_table_and_plot(tmp_path):
+    setup = QualitySetup(steps=3, batch_size=64, expansion=2, submodule="0.mlp", ctx_len=32,
+                         n_ctxs=16, eval_texts=8, eval_loss_texts=4,
+                         archs=("relu", "batchtopk"), max_per_arch=2)
+    report = run_quality(setup, lm_config=TINY_LM, cache_dir=tmp_path / "cache")
+    assert [(r["arch"], r["dict_class"]) for r in report["rows"]] == [
+        ("relu", "AutoEncoder")] * 2 + [("batchtopk", "BatchTopKSAE")] * 2
+    for row in report["rows"]:
+        for key in ("l0", "frac_variance_explained", "frac_alive", "frac_recovered"):
+            assert isinstance(row[key], float), (key, row)
+    write_report(report, tmp_path / "q.json", tmp_path / "q.png")
+    assert json.loads((tmp_path / "q.json").read_text())["rows"][0]["arch"] == "relu"
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_table(report).splitlines()
+    assert len(table) == 2 + 4 and "l1=" in table[2] and "k=" in table[-1]
