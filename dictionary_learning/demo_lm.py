@@ -6,7 +6,7 @@ byte-level BPE tokenizer and a small Pythia-architecture LM (GPTNeoX, rotary on 
 of each head, parallel residual) trained for a fixed number of steps on the standard
 library's docstrings, packed into full windows. The result is cached::
 
-    <cache root>/demo-lm-v1-<hash of the DemoLMConfig>/
+    <cache root>/demo-lm-v2-<hash of the DemoLMConfig>/
         config.json, model.safetensors, generation_config.json   (save_pretrained)
         tokenizer.json, tokenizer_config.json                    (save_pretrained)
         training.json   config, steps, tokens seen, wall time, loss curve, train and
@@ -55,7 +55,7 @@ from .tokens import TokenPacker
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "v1"
+FORMAT_VERSION = "v2"  # v2: built in a fresh process (v1 read a text that depended on its caller)
 RECORD_NAME = "training.json"
 
 

@@ -188,7 +188,7 @@ def test_cache_location(monkeypatch, tmp_path):
     assert demo_lm_path(TINY, tmp_path) == demo_lm_path(dataclasses.replace(TINY), tmp_path)
     assert demo_lm_path(TINY, tmp_path) != demo_lm_path(dataclasses.replace(TINY, steps=31),
                                                         tmp_path)
-    assert demo_lm_path(TINY, tmp_path).name.startswith("demo-lm-v1-")
+    assert demo_lm_path(TINY, tmp_path).name.startswith(f"demo-lm-{demo_lm.FORMAT_VERSION}-")
 
 
 def test_learning_rate_schedule():
