@@ -73,6 +73,9 @@ class Workload:
     """Texts the cache section collects (packed: ~21k tokens of the standard library's)."""
     cache_shard_rows: int = 4096
     """Rows per shard of the cache section's cache (4 MiB at d=512 in bf16)."""
+    throughput_plan: str = "auto"
+    """Sizes of the throughput section: "full" (Pythia-70m and d 2048 models, widths 8192 /
+    32768 / 131072), "small" (the same code at CPU sizes), "auto" (full on CUDA)."""
 
 
 def build_model(w: Workload):
@@ -633,6 +636,8 @@ def bench_cache(model, texts, w: Workload, folder=None) -> dict:
 
 
 SECTIONS = ("buffer", "train_step", "topk_step", "guard", "end_to_end", "sweeps", "cache")
+# Not run unless asked for (or on CUDA, by scripts/benchmark.py): it builds models of its own.
+EXTRA_SECTIONS = ("throughput",)
 MODEL_SECTIONS = ("buffer", "end_to_end", "sweeps", "cache")  # the ones that need the LM
 
 
@@ -642,9 +647,10 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
                "load_average_at_start": os.getloadavg()[0],  # other work on a shared machine
                "malloc_keeps_freed_memory": keep_freed_memory() if w.keep_freed_memory
                else False}
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}: choose from {SECTIONS}")
+        raise ValueError(f"unknown sections {sorted(unknown)}: choose from "
+                         f"{SECTIONS + EXTRA_SECTIONS}")
     model = texts = None
     if set(sections) & set(MODEL_SECTIONS):
         logger.info("building the model")
@@ -672,6 +678,15 @@ def run_all(w: Workload, sections=SECTIONS) -> dict:
     if "cache" in sections:
         logger.info("activation cache: write, read, train")
         results["cache"] = bench_cache(model, all_texts[:w.cache_texts], w)
+    if "throughput" in sections:
+        from .throughput import Plan, bench_throughput, cpu_plan
+
+        logger.info("throughput: collection, steps and end to end at several widths")
+        if w.throughput_plan not in ("auto", "full", "small"):
+            raise ValueError(f"throughput_plan must be auto, full or small, got "
+                             f"{w.throughput_plan!r}")
+        plan = {"full": Plan(), "small": cpu_plan()}.get(w.throughput_plan)
+        results["throughput"] = bench_throughput(w, plan)
     return results
 
 
@@ -721,6 +736,10 @@ def format_table(results: dict) -> str:
                   f"{s['train_all_layers_vs_parts']:.3f} x (one pass + steps)")]
     if "cache" in results:
         rows += _cache_rows(results["cache"])
+    if "throughput" in results:
+        from .throughput import throughput_rows
+
+        rows += throughput_rows(results["throughput"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

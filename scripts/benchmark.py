@@ -5,7 +5,8 @@ reading vs the buffer and a memory copy, training from it vs from memory, disk p
 
     python scripts/benchmark.py                   # Pythia-70m-shaped random model, CPU
     python scripts/benchmark.py --quick           # small sizes, a smoke test
-    python scripts/benchmark.py --device cuda --dtype bfloat16 --json out.json
+    python scripts/benchmark.py --device cuda --json out.json  # + the throughput section
+    python scripts/benchmark.py --quick --sections throughput   # its code path, CPU sizes
     python scripts/benchmark.py --sections guard --json /tmp/guard.json
     python scripts/benchmark.py --sections cache --cache-texts 512   # a larger cache
     python scripts/benchmark.py --distributed    # data parallel: 2 gloo processes vs one
@@ -23,11 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from dictionary_learning.benchmark import SECTIONS, Workload, format_table, run_all  # noqa: E402
+from dictionary_learning.benchmark import (EXTRA_SECTIONS, SECTIONS, Workload,  # noqa: E402
+                                           format_table, run_all)
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256, vocab_size=8192, dict_size=512,
              train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2,
-             cache_texts=32, cache_shard_rows=512)
+             cache_texts=32, cache_shard_rows=512, throughput_plan="small")
 
 
 def main() -> int:
@@ -39,8 +41,9 @@ def main() -> int:
                             if kind is bool else kind, default=None,
                             help=f"default: {field.default}")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help="comma-separated subset of: %(default)s")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of: {','.join(SECTIONS + EXTRA_SECTIONS)} "
+                        f"(default: {','.join(SECTIONS)}, and throughput with --device cuda)")
     parser.add_argument("--json", default="runs/benchmark.json",
                         help="where to write results (default: %(default)s)")
     parser.add_argument("--distributed", action="store_true",
@@ -55,7 +58,11 @@ def main() -> int:
     values = dict(QUICK) if args.quick else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)
                    if getattr(args, f.name) is not None})
-    results = run_all(Workload(**values), sections=tuple(args.sections.split(",")))
+    workload = Workload(**values)
+    sections = (args.sections.split(",") if args.sections else
+                list(SECTIONS) + (list(EXTRA_SECTIONS) if workload.device.startswith("cuda")
+                                  else []))
+    results = run_all(workload, sections=tuple(sections))
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"\nfull results: {args.json}")

@@ -111,3 +111,31 @@ def test_benchmark_cache_section_reports_write_read_train_and_disk(tmp_path):
     for label in ("write_cache (bf16) / buffer", "read first pass", "read verify=False",
                   "train from cache / in memory", "100M-token cache, d=64"):
         assert label in result.stdout, label
+
+
+def test_throughput_section_runs_its_code_path_at_tiny_sizes():
+    """The GPU report's code (collection vs hook, steps vs matmul, end to end with the
+    data-wait fraction) at tiny sizes on CPU; its figures are measured on a device."""
+    import math
+
+    from dictionary_learning.benchmark import Workload
+    from dictionary_learning.throughput import Plan, bench_throughput, throughput_rows
+
+    plan = Plan(models=(("tiny", 32, 2, 64),), widths=(64, 128), k=4, batch=64,
+                step_repeats=1, e2e_steps=3, store_batches=2, collection_texts=8)
+    w = Workload(vocab_size=8192, n_layers=2, refresh_batch_size=4, repeats=1)
+    t = bench_throughput(w, plan)
+    (entry,) = t["models"]
+    assert entry["d_model"] == 32 and entry["layer"] == 1
+    assert entry["collection"]["buffer_vs_limit"] > 0
+    assert [s["width"] for s in entry["steps"]] == [64, 128]
+    for s in entry["steps"]:
+        assert math.isclose(s["relu_step_vs_matmul"], s["relu"]["gflops"] / s["matmul_gflops"])
+        assert math.isclose(s["topk_speedup"], s["relu"]["step_s"] / s["topk"]["step_s"])
+        assert s["relu"]["peak_device_mb"] is None  # CPU: no device memory to report
+    for r in entry["end_to_end"]:
+        for name in ("relu", "topk"):
+            assert 0 <= r[name]["data_wait_fraction"] <= 1 and r[name]["tokens_per_s"] > 0
+            assert r[name]["prefetch"] == 2  # a live buffer is read ahead
+    labels = [label for label, _ in throughput_rows(t)]
+    assert "[tiny] collection / plain hook" in labels and "[tiny] end to end m=128" in labels
