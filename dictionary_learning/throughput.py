@@ -13,6 +13,9 @@ Per model shape:
   for ReLU and TopK at each width. The store is filled before the clock starts, so the
   figure is the steady state: every later refill happens inside the timing.
 
+And, on CUDA, the host synchronisations one step makes, by the line that makes them
+(:func:`host_syncs_per_step`), for ReLU, TopK, BatchTopK and Matryoshka.
+
 On CPU the same code runs at the reduced sizes of ``cpu_plan`` (``--quick``).
 """
 
@@ -126,6 +129,38 @@ def end_to_end_run(model, path: str, texts: list[str], d: int, m: int, name: str
             "peak_device_mb": _peak_mb(device)}
 
 
+def host_syncs_per_step(config: TrainerConfig, batch: int, device: str, steps: int = 3
+                        ) -> dict | None:
+    """On CUDA, the host synchronisations one ``Trainer.step`` makes (after a first step),
+    counted by ``torch.cuda.set_sync_debug_mode("warn")``: per step, and by the line of
+    this package that asked for them; ``None`` on other devices."""
+    import warnings
+    from collections import Counter
+
+    from .trainer import Trainer
+
+    if torch.device(device).type != "cuda":
+        return None
+    trainer = Trainer(config, device)
+    x = torch.randn(batch, config.activation_dim, device=device)
+    trainer.step(0, x, x)
+    torch.cuda.synchronize()
+    sites: Counter = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(steps):
+                trainer.step(i + 1, x, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{w.filename.rsplit('dictionary_learning/', 1)[-1]}:{w.lineno}"] += 1
+    return {"per_step": sum(sites.values()) / steps,
+            "sites": {k: v / steps for k, v in sites.most_common()}}
+
+
 def _cycle(texts):
     while True:
         yield from texts
@@ -142,6 +177,16 @@ def bench_throughput(w, plan: Plan | None = None) -> dict:
     out = {"plan": dataclasses.asdict(plan), "device": str(w.device), "models": []}
     if torch.device(w.device).type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(torch.device(w.device))
+    d0, m0 = plan.models[0][1], plan.widths[0]
+    out["host_syncs"] = {name: host_syncs_per_step(config, plan.batch, w.device)
+                         for name, config in {
+        **_configs(d0, m0, plan.k),
+        "batch_topk": TrainerConfig(d0, m0, warmup_steps=1, dict_class="BatchTopKSAE",
+                                    dict_kwargs={"k": plan.k}),
+        "matryoshka": TrainerConfig(d0, m0, warmup_steps=1,
+                                    dict_class="MatryoshkaBatchTopKSAE",
+                                    dict_kwargs={"k": plan.k, "group_sizes": [
+                                        m0 // 4, m0 // 4, m0 - m0 // 2]})}.items()}
     for label, d, heads, d_mlp in plan.models:
         shape = dataclasses.replace(w, d_model=d, n_heads=heads, d_mlp=d_mlp,
                                     n_layers=max(2, w.layer + 1))
@@ -173,6 +218,10 @@ def _mb(x) -> str:
 def throughput_rows(t: dict) -> list[tuple[str, str]]:
     """Table rows of :func:`bench_throughput`'s result."""
     rows = [("throughput device", t.get("device_name", t["device"]))]
+    for name, syncs in t.get("host_syncs", {}).items():
+        if syncs is not None:
+            where = ", ".join(f"{k} x{v:g}" for k, v in syncs["sites"].items()) or "none"
+            rows.append((f"host syncs per step, {name}", f"{syncs['per_step']:g} ({where})"))
     k = t["plan"]["k"]
     for e in t["models"]:
         c, name = e["collection"], e["label"]

@@ -126,6 +126,7 @@ def test_throughput_section_runs_its_code_path_at_tiny_sizes():
     w = Workload(vocab_size=8192, n_layers=2, refresh_batch_size=4, repeats=1)
     t = bench_throughput(w, plan)
     (entry,) = t["models"]
+    assert t["host_syncs"] == dict.fromkeys(("relu", "topk", "batch_topk", "matryoshka"))
     assert entry["d_model"] == 32 and entry["layer"] == 1
     assert entry["collection"]["buffer_vs_limit"] > 0
     assert [s["width"] for s in entry["steps"]] == [64, 128]
