@@ -55,7 +55,7 @@ class Plan:
 def cpu_plan() -> Plan:
     """Small enough for two CPU cores in a minute or so: the same code paths."""
     return Plan(models=(("pythia-shaped d 64", 64, 4, 256), ("wide d 128", 128, 4, 512)),
-                widths=(256, 512, 1024), k=8, batch=256, step_repeats=2, e2e_steps=6,
+                widths=(256, 512, 1024), k=8, batch=256, step_repeats=5, e2e_steps=6,
                 store_batches=4, collection_texts=32)
 
 
