@@ -104,9 +104,9 @@ def bench_steps(d: int, plan: Plan, device: str) -> list[dict]:
 
 
 def end_to_end_run(model, path: str, texts: list[str], d: int, m: int, name: str,
-                   plan: Plan, device: str) -> dict:
+                   plan: Plan, device: str, prefetch: int | None = None) -> dict:
     """``train_dictionaries`` for ``plan.e2e_steps`` steps on a live packed buffer whose
-    store was filled before the clock started."""
+    store was filled before the clock started (``prefetch``: the loop's; default 2)."""
     ctx_len = 128
     buffer = ActivationBuffer(_cycle(texts), model, path, ctx_len=ctx_len, pack=True,
                               refresh_batch_size=min(64, plan.batch // ctx_len or 1),
@@ -119,7 +119,7 @@ def end_to_end_run(model, path: str, texts: list[str], d: int, m: int, name: str
     _peak_reset(device)
     start = time.perf_counter()
     train_dictionaries(buffer, [config], steps=plan.e2e_steps, device=device, progress=False,
-                       stats=stats)
+                       stats=stats, prefetch=prefetch)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -159,6 +159,23 @@ def host_syncs_per_step(config: TrainerConfig, batch: int, device: str, steps: i
             sites[f"{w.filename.rsplit('dictionary_learning/', 1)[-1]}:{w.lineno}"] += 1
     return {"per_step": sum(sites.values()) / steps,
             "sites": {k: v / steps for k, v in sites.most_common()}}
+
+
+def prefetch_gain(model, path, texts, d: int, plan: Plan, device: str, repeats: int = 3
+                  ) -> dict:
+    """End-to-end TopK at the middle width with the loop reading ahead (prefetch 2) and
+    without (0), alternating, ``repeats`` each: median tokens/s and data-wait fractions."""
+    import statistics
+
+    m = plan.widths[len(plan.widths) // 2]
+    runs = {0: [], 2: []}
+    for r in range(repeats):
+        for p in ((0, 2) if r % 2 == 0 else (2, 0)):
+            runs[p].append(end_to_end_run(model, path, texts, d, m, "topk", plan, device, p))
+    med = {p: {key: statistics.median(x[key] for x in rs)
+               for key in ("tokens_per_s", "data_wait_fraction")} for p, rs in runs.items()}
+    return {"width": m, "with": med[2], "without": med[0],
+            "gain": med[2]["tokens_per_s"] / med[0]["tokens_per_s"]}
 
 
 def _cycle(texts):
@@ -204,6 +221,7 @@ def bench_throughput(w, plan: Plan | None = None) -> dict:
             {"width": m, **{name: end_to_end_run(model, path, texts, d, m, name, plan,
                                                  w.device) for name in ("relu", "topk")}}
             for m in plan.widths]
+        entry["prefetch_gain"] = prefetch_gain(model, path, texts, d, plan, w.device)
         out["models"].append(entry)
         del model
         if torch.device(w.device).type == "cuda":
@@ -237,6 +255,13 @@ def throughput_rows(t: dict) -> list[tuple[str, str]]:
                          f"{s['topk']['tokens_per_s']:.0f} tokens/s = "
                          f"{s['topk_speedup']:.2f}x ReLU; peak {_mb(s['relu']['peak_device_mb'])}"
                          f" / {_mb(s['topk']['peak_device_mb'])}"))
+        g = e.get("prefetch_gain")
+        if g:
+            rows.append((f"[{name}] prefetch 2 vs 0, TopK m={g['width']}",
+                         f"{g['with']['tokens_per_s']:.0f} vs {g['without']['tokens_per_s']:.0f}"
+                         f" tokens/s = {g['gain']:.2f}x (wait "
+                         f"{100 * g['with']['data_wait_fraction']:.1f}% vs "
+                         f"{100 * g['without']['data_wait_fraction']:.1f}%)"))
         for r in e["end_to_end"]:
             rows.append((f"[{name}] end to end m={r['width']}",
                          f"ReLU {r['relu']['tokens_per_s']:.0f} tokens/s (wait "

@@ -138,5 +138,8 @@ def test_throughput_section_runs_its_code_path_at_tiny_sizes():
         for name in ("relu", "topk"):
             assert 0 <= r[name]["data_wait_fraction"] <= 1 and r[name]["tokens_per_s"] > 0
             assert r[name]["prefetch"] == 2  # a live buffer is read ahead
+    g = entry["prefetch_gain"]
+    assert g["width"] == 128 and math.isclose(
+        g["gain"], g["with"]["tokens_per_s"] / g["without"]["tokens_per_s"])
     labels = [label for label, _ in throughput_rows(t)]
     assert "[tiny] collection / plain hook" in labels and "[tiny] end to end m=128" in labels
