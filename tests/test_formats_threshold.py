@@ -43,8 +43,10 @@ def upstream_encode(sd, x):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("name", sorted(KWARGS))
 def test_a_short_run_saves_its_estimated_threshold(tmp_path, name, normalize):
-    config = TrainerConfig(D, M, dict_class=name, dict_kwargs=KWARGS[name], lr=3e-3,
-                           warmup_steps=5, normalize_activations=normalize)
+    # threshold_start_step given: left unset, the trainer would scale it to the short run
+    config = TrainerConfig(D, M, dict_class=name, lr=3e-3, warmup_steps=5,
+                           dict_kwargs={**KWARGS[name], "threshold_start_step": 1000},
+                           normalize_activations=normalize)
     assert DICTIONARY_CLASSES[name](D, M, **KWARGS[name]).threshold_start_step == 1000
     # activations far from unit norm, so normalisation's folding is not vacuous
     (trained,) = train_dictionaries(batches(STEPS, scale=3.0), [config], steps=STEPS,
