@@ -18,7 +18,9 @@ and is renamed into place, so an interrupted build leaves no cache; a cache fold
 files do not match their recorded hashes is rebuilt, with a warning.
 
 The number of steps is fixed (not a time budget), so a build is deterministic given the
-seed and the number of CPU threads (float sums can round differently across thread counts).
+seed, the code and the number of CPU threads (float sums can round differently across
+thread counts; a build after unrelated code changes was seen to differ in its last digits,
+perhaps through memory alignment).
 :func:`demo_language_model` builds in a fresh Python process and then loads the model back
 from the cache, exactly as every later call does. Reading the standard library's docstrings
 imports modules, and which docstrings a module shows depends on what the process imported
