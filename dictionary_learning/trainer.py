@@ -34,9 +34,8 @@ class TrainerConfig:
     """Width of the activations fed to the encoder."""
     dict_size: int
     """Number of features (m)."""
-    lr: float | None = None
-    """Peak Adam learning rate. ``None``: 1e-3, or for the TopK family
-    ``min(1e-3, 2e-4 / sqrt(dict_size / 2**14))`` (Gao et al.'s width scaling, as upstream)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
     sparsity_penalty: float = 1e-3
     """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
     architectures whose sparsity is structural (TopK)."""
@@ -94,7 +93,7 @@ class TrainerConfig:
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{self.autocast_dtype!r}")
-        if (self.lr is not None and self.lr <= 0) or self.sparsity_penalty < 0:
+        if self.lr <= 0 or self.sparsity_penalty < 0:
             raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
                              f"sparsity_penalty={self.sparsity_penalty}")
 
@@ -111,14 +110,11 @@ class TrainerConfig:
             raise ValueError(f"{self.dict_class} does not take {sorted(extra)}: {e}") from e
 
 
-DEFAULT_LR = 1e-3
 DEFAULT_WARMUP_STEPS = 1000
 DEFAULT_DEAD_FEATURE_TOKENS = 10_000_000
 RUN_FRACTION = 0.1
 """The automatic warm-up and dead-feature window of a run of known length: this fraction
 of its steps (warm-up at most :data:`DEFAULT_WARMUP_STEPS`)."""
-TOPK_FAMILY = ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
-
 _warned: set[str] = set()
 
 
@@ -128,20 +124,12 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def default_lr(dict_class: str, dict_size: int) -> float:
-    """1e-3; for the TopK family Gao et al.'s ``2e-4 / sqrt(m / 2**14)``, at most 1e-3."""
-    if dict_class in TOPK_FAMILY:
-        return min(DEFAULT_LR, 2e-4 / math.sqrt(dict_size / 2 ** 14))
-    return DEFAULT_LR
-
-
 def resolve_schedules(config: TrainerConfig, total_steps: int | None) -> TrainerConfig:
     """``config`` with every field left to the run (``None``) made concrete, from the run's
     length when it is known; explicit values are kept as given (and warned about, once,
     when they do not fit the run: a warm-up the run never leaves, a window it never
     reaches). Resolving a resolved config changes nothing.
 
-    - ``lr``: :func:`default_lr`;
     - ``warmup_steps``: ``RUN_FRACTION`` of the run, at most 1000 (1000 when unknown);
     - ``dead_feature_tokens`` / ``dead_feature_steps`` (both unset): 10M tokens, and
       ``RUN_FRACTION`` of the run's steps, whichever comes first;
@@ -149,8 +137,6 @@ def resolve_schedules(config: TrainerConfig, total_steps: int | None) -> Trainer
       ``dict_kwargs``: :func:`~dictionary_learning.architectures.batch_topk.threshold_schedule`.
     """
     changes, n = {}, total_steps
-    if config.lr is None:
-        changes["lr"] = default_lr(config.dict_class, config.dict_size)
     if config.warmup_steps is None:
         changes["warmup_steps"] = (DEFAULT_WARMUP_STEPS if n is None else
                                    min(DEFAULT_WARMUP_STEPS, max(1, round(RUN_FRACTION * n))))

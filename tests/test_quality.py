@@ -89,15 +89,6 @@ def test_resolution_is_idempotent_and_follows_the_run():
     assert resolve_schedules(TrainerConfig(8, 32), None).dead_feature_steps is None
 
 
-def test_topk_family_lr_scales_with_width():
-    assert resolve_schedules(TrainerConfig(256, 4096, dict_class="AutoEncoderTopK",
-                                           dict_kwargs={"k": 8}), 10).lr == \
-        pytest.approx(2e-4 / (4096 / 2 ** 14) ** 0.5)
-    assert resolve_schedules(TrainerConfig(256, 4096), 10).lr == 1e-3
-    assert resolve_schedules(TrainerConfig(8, 32, dict_class="AutoEncoderTopK",
-                                           dict_kwargs={"k": 8}), 10).lr == 1e-3  # capped
-
-
 @pytest.mark.parametrize("cls", ["AutoEncoderTopK", "BatchTopKSAE"])
 def test_auxk_switches_on_in_a_short_run_only_with_the_scaled_window(cls):
     """Features that never fire (their encoder bias pushed far down) count as dead after a
