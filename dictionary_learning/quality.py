@@ -35,7 +35,7 @@ TOPK_FAMILY = ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
 SWEEP: dict[str, list[dict]] = {
     # One entry per dictionary: TrainerConfig keywords beyond the shared ones.
     "relu": [{"dict_class": "AutoEncoder", "sparsity_penalty": p}
-             for p in (0.3, 0.6, 1.2, 2.4)],
+             for p in (0.1, 0.3, 0.6, 1.2, 2.4)],
     "topk": [{"dict_class": "AutoEncoderTopK", "dict_kwargs": {"k": k}} for k in (16, 32, 64)],
     "batchtopk": [{"dict_class": "BatchTopKSAE", "dict_kwargs": {"k": k}}
                   for k in (16, 32, 64)],
