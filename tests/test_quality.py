@@ -31,7 +31,8 @@ def test_first_batch_fixes_the_least_squares_encoder_scale(cls):
     x = offset_data(d=d)
     t = Trainer(TrainerConfig(d, m, dict_class=cls), total_steps=10)
     ae = t.dictionary
-    unscaled = (x - ae(x)).pow(2).sum(-1).mean()
+    with torch.no_grad():
+        unscaled = (x - ae(x)).pow(2).sum(-1).mean()
     t.start(x, x)
     norms = ae.W_enc.detach().norm(dim=-1)
     s = float(norms.mean())
