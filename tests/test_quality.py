@@ -102,7 +102,7 @@ def test_auxk_switches_on_in_a_short_run_only_with_the_scaled_window(cls):
                     total_steps=60)
         with torch.no_grad():
             t.dictionary.b_enc[:32] = -1e3  # half the features can never fire
-        return [float(t.step(i, x, x).out.terms["auxk"]) for i in range(12)]
+        return [float(t.step(i, x, x).out.terms["auxk"].detach()) for i in range(12)]
 
     scaled = auxk_terms()
     assert scaled[:6] == [0.0] * 6 and all(v > 0 for v in scaled[6:]), scaled
