@@ -22,8 +22,9 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,7 +48,6 @@ ARCHITECTURES = {
 """Short ``--arch`` names; registered class names are accepted too."""
 
 _TOPK_FAMILY = {"AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"}
-_THRESHOLD_ESTIMATED = {"BatchTopKSAE", "MatryoshkaBatchTopKSAE"}
 
 
 def _opt(default, help: str, **extra):
@@ -97,7 +97,8 @@ class TrainRun:
     refresh_batch_size: int = _opt(32, "texts per forward pass when refilling the buffer")
     pack: bool = _opt(False, "pack documents into full ctx_len windows instead of "
                       "truncating and padding each one")
-    warmup_steps: int = _opt(1000, "learning-rate warm-up steps")
+    warmup_steps: int | None = _opt(None, "learning-rate warm-up steps (default: a tenth of "
+                                    "the run, at most 1000)")
     decay_start: int | None = _opt(None, "step from which the learning rate decays to 0")
     sparsity_warmup_steps: int | None = _opt(None, "warm-up steps of the sparsity penalty")
     resample_steps: int | None = _opt(None, "resample dead features every this many steps")
@@ -262,11 +263,11 @@ def trainer_configs(run: TrainRun, d_in: int, d_out: int):
 def _variants(run: TrainRun, cls: str, size: int):
     """``(dict_kwargs, sparsity_penalty)`` pairs of one architecture and size."""
     if cls in _TOPK_FAMILY:
-        start = {} if run.total_steps is None or cls not in _THRESHOLD_ESTIMATED else \
-            _threshold_schedule(run.total_steps)
+        # The threshold schedule of the batch-top-k classes follows the run's length
+        # (trainer.resolve_schedules).
         for k in run.k:
             _check_k(k, size)
-            extra = {"k": k, **start}
+            extra = {"k": k}
             if cls == "MatryoshkaBatchTopKSAE":
                 groups = [max(1, round(f * size)) for f in run.group_fractions]
                 groups[-1] = size - sum(groups[:-1])
@@ -278,17 +279,6 @@ def _variants(run: TrainRun, cls: str, size: int):
     else:
         for penalty in run.sparsity_penalty or (1e-3,):
             yield {}, penalty
-
-
-def _threshold_schedule(total_steps: int) -> dict:
-    """When a batch-top-k dictionary starts estimating its inference threshold, and how fast
-    the running average forgets: upstream's 1000 steps and 0.999 for long runs; in a short
-    run, a quarter of it and a horizon of a tenth of the rest, so the threshold reflects the
-    trained dictionary rather than its first steps (0.999 over 375 steps keeps 69% of the
-    first estimate)."""
-    start = min(1000, total_steps // 4)
-    beta = min(0.999, max(0.0, 1 - 10 / max(1, total_steps - start)))
-    return {"threshold_start_step": start, "threshold_beta": beta}
 
 
 def open_model(name: str, device: str = "cpu", dtype: str = "float32", progress: bool = True,
@@ -367,6 +357,7 @@ def run_training(run: TrainRun, resume: bool = False, progress: bool = True,
                                    window=run.n_ctxs * run.ctx_len, epochs=run.epochs,
                                    seed=run.seed, rank=rank, world_size=world)
     else:
+        texts = _training_texts(texts, run, len(held_out))
         submodule = submodule_path(model, run.submodule)
         resolve_submodule(model, submodule)  # an unknown name fails here, with nearest names
         # On resume the buffer restores its saved state and skips the texts it had read.
@@ -448,6 +439,20 @@ def remove_run(save_dir: Path) -> None:
             shutil.rmtree(folder / "checkpoints")
         if folder != save_dir and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _training_texts(rest: Iterator[str], run: TrainRun, n_held_out: int) -> Iterator[str]:
+    """``rest`` (the texts after the held-out ones), refused when there is none: a data
+    source with no more documents than ``--eval-texts`` leaves nothing to train on."""
+    try:
+        first = next(rest)
+    except StopIteration:
+        raise ValueError(
+            f"--data {run.data} has only {n_held_out} document(s), and --eval-texts "
+            f"{run.eval_texts} keeps them all aside for evaluation, leaving none to train on: "
+            f"give a smaller --eval-texts (e.g. {max(1, n_held_out // 5)}) or more text"
+        ) from None
+    return chain([first], rest)
 
 
 def _epochs(first_pass, run: TrainRun):

@@ -308,10 +308,12 @@ def test_demo_preset_runs_offline(tmp_path, monkeypatch, capsys):
 
 def test_short_runs_estimate_the_batch_topk_threshold_within_the_run():
     from dictionary_learning.train_run import TrainRun, trainer_configs
+    from dictionary_learning.trainer import resolve_schedules
 
-    def kwargs(steps):
+    def kwargs(steps):  # what each trainer of the run trains with (its config.json records)
         run = TrainRun(arch=("batchtopk", "matryoshka", "topk"), steps=steps, k=(8,))
-        return [c.dict_kwargs for c in trainer_configs(run, 64, 64)]
+        return [resolve_schedules(c, run.total_steps).dict_kwargs
+                for c in trainer_configs(run, 64, 64)]
 
     batch, matryoshka, topk = kwargs(500)
     assert batch["threshold_start_step"] == 125 == matryoshka["threshold_start_step"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..files import check_writable
 from .common import CLIError, format_pairs, open_texts
-from .evaluate import check_at_least, check_device_flags, check_memory, check_seed
+from .evaluate import check_at_least, check_device_flags, check_memory, check_seed, run_data
 
 
 def _settings(args: argparse.Namespace, dict_dir: Path, config: dict, cache=None) -> dict:
@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     dict_size = _config_dict_size(config)
     if dict_size is not None:
         check_analysis_memory(args, dict_size, s["ctx_len"])
-    texts = None if cache is not None else open_texts(args.data or "stdlib", split=args.split,
+    if cache is None and args.data is None:
+        args.data = run_data([dict_dir]) or "stdlib"
+    texts = None if cache is not None else open_texts(args.data, split=args.split,
                                                       text_field=args.text_field)
     dictionary, _ = load_dictionary(dict_dir, device=args.device)
     if dict_size is None:
@@ -147,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
                      n_ablation=args.ablation_features,
                      apply_final_norm=not args.no_final_norm, remove_bos=s["remove_bos"],
                      seed=args.seed, cache=cache)
-    info = {"dictionary": str(dict_dir.resolve()), "model": s["model"]}
+    info = {"dictionary": str(dict_dir.resolve()), "model": s["model"],
+            "data": args.cache if cache is not None else args.data}
     paths = write_run_folder(result, args.out, model.tokenizer, info)
     alive = int((result.stats.summary()["n_fired"] > 0).sum())
     print(f"Analysed {result.n_tokens:,} tokens in {result.n_contexts:,} contexts: "
@@ -163,7 +166,8 @@ def add_parser(sub) -> None:
                        "random contexts, statistics, logit effects; writes a run folder")
     p.add_argument("dict_dir", help="dictionary folder (ae.pt + config.json) or .pt file")
     p.add_argument("--data", default=None, help="'stdlib', a .txt/.jsonl/.jsonl.zst file or "
-                   "folder, or a HF dataset name (default: stdlib)")
+                   "folder, or a HF dataset name (default: the text the run was trained on, "
+                   "from its train_args.json; else stdlib)")
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="take the statistics and contexts from this activation cache's rows "
                    "(written by the `cache` command; contexts rebuilt from its token ids) "

@@ -39,8 +39,9 @@ def add_measure_arguments(p: argparse.ArgumentParser) -> None:
                    "norm_scaling_factor=0.37 (SAELens expected_average_only_in); repeatable")
     d = p.add_argument_group("held-out text")
     d.add_argument("--data", default=None, help="'stdlib', a local .jsonl/.jsonl.zst/"
-                   f".txt file or folder, or a HF dataset name (default: {DEFAULT_DATA}, "
-                   "streamed; with --cache, the text the cache was collected from)")
+                   f".txt file or folder, or a HF dataset name (default: the text the run was "
+                   f"trained on, from its train_args.json; else {DEFAULT_DATA}, streamed; "
+                   "with --cache, the text the cache was collected from)")
     d.add_argument("--skip-texts", type=int, default=0, help="skip this many documents first, "
                    "e.g. those a training run read (default: 0)")
     d.add_argument("--n-tokens", type=int, default=8192,
@@ -159,6 +160,33 @@ def check_measure_memory(args: argparse.Namespace, paths: list[Path]) -> None:
                      "pass a smaller --n-tokens")
 
 
+def run_data(paths: list[Path]) -> str | None:
+    """The text the dictionaries at ``paths`` were trained on, from their runs'
+    ``train_args.json`` (said on stderr), when every one names the same; ``None`` when
+    none does. Training kept its first ``eval_texts`` documents aside, so reading from
+    the start (``--skip-texts 0``) measures on held-out text first."""
+    from ..session import ARGS_NAME, run_args
+
+    found = {}
+    for path in paths:
+        args = run_args(path)
+        if args.get("data"):
+            found.setdefault(str(args["data"]), (path, args.get("eval_texts")))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise CLIError(f"the dictionaries were trained on different text ({', '.join(found)}): "
+                       "pass --data")
+    (data, (path, held)), = found.items()
+    folder = path if path.is_dir() else path.parent
+    where = next((f / ARGS_NAME for f in (folder, folder.parent) if (f / ARGS_NAME).is_file()),
+                 folder / ARGS_NAME)
+    print(f"using --data {data} from {where}"
+          + (f" (its first {held} documents were held out from training)" if held else "")
+          + "; pass --data to choose other text", file=sys.stderr)
+    return data
+
+
 def _texts(spec: str, skip: int):
     """A fresh stream of ``spec``'s documents after the first ``skip``."""
     texts = islice(open_texts(spec), skip, None)
@@ -186,7 +214,8 @@ def assessed(args: argparse.Namespace, loss: bool):
 
         cache = open_cache(Path(args.cache).expanduser())  # a bad cache fails here
     if args.data is None:
-        args.data = (cache.manifest.get("data") or DEFAULT_DATA) if cache else DEFAULT_DATA
+        args.data = (cache.manifest.get("data") or DEFAULT_DATA) if cache else \
+            (run_data(paths) or DEFAULT_DATA)
     if cache is not None and not loss:
         args.data = None  # no text is read
     else:
@@ -195,7 +224,9 @@ def assessed(args: argparse.Namespace, loss: bool):
 
     def open_model(name: str):
         print(f"Loading {name} ...", file=sys.stderr)
-        if name == "demo":  # the offline demo's model (what `--preset demo` trains on)
+        from ..demo_lm import demo_config
+
+        if demo_config(name) is not None:  # an offline demo's model (`--preset demo...`)
             from ..train_run import open_model as open_demo
 
             return open_demo(name, device=device, dtype=args.dtype or "float32")
