@@ -70,6 +70,8 @@ def fetch_archive(filename: str, repo_id: str = REPO_ID, cache_dir: str | None =
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .hub_access import require_hub
+    require_hub(f"{filename} of the Hugging Face repo {repo_id} (or pass --archive PATH)")
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
     except (OSError, HfHubHTTPError) as e:  # offline, unknown repo or file, refused

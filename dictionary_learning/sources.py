@@ -171,6 +171,12 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str | None = None,
         kwargs["dtype"] = torch_dtype(dtype)
     if path.exists():
         _check_model_folder(path)
+    else:
+        from .hub_access import HubUnreachable, require_hub
+        try:
+            require_hub(f"model {name_or_path!r}")
+        except HubUnreachable as e:
+            raise SourceError(str(e)) from None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
@@ -215,6 +221,11 @@ def open_texts(spec: str, split: str = "train", text_field: str = "text",
         raise SourceError(f"no data file or folder at {spec}: check the path (supported: .jsonl, "
                        ".jsonl.zst, .txt, a folder of them, 'stdlib', or a HF dataset name)")
     else:
+        from .hub_access import HubUnreachable, require_hub
+        try:
+            require_hub(f"dataset {spec!r}")
+        except HubUnreachable as e:
+            raise SourceError(str(e)) from None
         texts = hf_dataset_to_generator(spec, split=split, streaming=streaming,
                                         text_field=text_field)
     if local:  # local files raise their own errors naming the file (see data.py)

@@ -79,6 +79,8 @@ def fetch(repo_id: str, path: str = "", revision: str | None = None,
 
     path = path.strip("/")
     where = f"{repo_id}{'@' + revision if revision else ''}/{path}"
+    from ..hub_access import require_hub
+    require_hub(f"hf://{where}")
     try:
         root = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                       allow_patterns=_patterns(path)))
