@@ -25,10 +25,24 @@ from pathlib import Path
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux's
+    ``/proc/self/status``): setting it to read it back would, for that instant, give files
+    another thread creates the wrong permissions (training reads activations on a thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 class WriteError(OSError):

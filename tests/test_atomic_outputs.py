@@ -89,6 +89,26 @@ def test_outputs_are_readable_by_others_under_umask_022(models, texts, analysis,
     assert no_temp_files(tmp_path)
 
 
+def test_atomic_write_follows_the_umask_without_changing_it(tmp_path, monkeypatch):
+    from dictionary_learning import files
+
+    seen = []
+    real_umask = os.umask
+    monkeypatch.setattr(files.os, "umask", lambda m: seen.append(m) or real_umask(m))
+    old = real_umask(0o027)
+    try:
+        files.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert oct(mode(tmp_path / "a.txt")) == oct(0o640)
+        real_umask(0o002)
+        files.write_json(tmp_path / "b.json", {"x": 1})
+        assert oct(mode(tmp_path / "b.json")) == oct(0o664)
+    finally:
+        real_umask(old)
+    # Read from /proc on Linux: never set (another thread creating a file in that instant
+    # would get the wrong permissions).
+    assert seen == [] or not Path("/proc/self/status").exists()
+
+
 # -- strict JSON ---------------------------------------------------------------------------
 def test_nan_metrics_are_null_in_eval_json(models, texts, tmp_path, monkeypatch):
     path = eval_json(models, texts, tmp_path, monkeypatch,
