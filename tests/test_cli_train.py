@@ -304,6 +304,11 @@ def test_demo_preset_runs_offline(tmp_path, monkeypatch, capsys):
     assert config["trainer"]["lm_name"] == str(demo_lm.demo_lm_path(tiny))
     for name in ("training_curves.png", "feature_frequencies.png"):
         assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+    # The closing list names what the folder holds (no checkpoints/ before the first save).
+    [wrote] = [line for line in out.splitlines() if line.startswith("Wrote, per dictionary: ")]
+    listed = wrote.split(": ", 1)[1].split(", ")
+    assert listed == sorted(p.name + "/" * p.is_dir() for p in (tmp_path / "run").iterdir())
+    assert "ae.pt" in listed and "eval.json" in listed and "checkpoints/" not in listed
 
 
 def test_short_runs_estimate_the_batch_topk_threshold_within_the_run():

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import time
 import typing
+from pathlib import Path
 
 from ..loading import read_config
 from ..next_steps import next_steps_text
@@ -151,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
         if not n:
             continue
         print(f"\n{folder}: {n} training step(s) skipped (batch, loss or gradients not finite)")
-    print("\nWrote, per dictionary: ae.pt, config.json, metrics.jsonl, eval.json, "
-          "feature_frequencies.png, checkpoints/")
+    written = sorted(p.name + ("/" if p.is_dir() else "")
+                     for p in Path(result.folders[0]).iterdir() if not p.name.startswith("."))
+    print("\nWrote, per dictionary: " + ", ".join(written))
     for folder in result.folders:
         print(f"  {folder}/")
     print(next_steps_text(shown, result.folders))
