@@ -49,6 +49,19 @@ SWEEP: dict[str, list[dict]] = {
 }
 """Architectures and the sparsities each is trained at (3 or more per architecture)."""
 
+UPSTREAM = "upstream-relu"
+"""The reference line: upstream saprmarks/dictionary_learning's ``StandardTrainer`` (ReLU,
+unit-norm decoder, L1) at the penalties of ``SWEEP["relu"]``, on the same rows in the same
+order, with our warm-up (upstream's defaults, 1000 lr and 2000 sparsity warm-up steps, do
+not fit a 1500-step run: its own schedule check refuses them), scored by the same
+evaluator. It needs upstream's package importable as ``upstream_dl`` (both packages are
+named ``dictionary_learning``), e.g. from a checkout::
+
+    git -C UPSTREAM archive HEAD dictionary_learning | tar -x -C /tmp/up
+    mv /tmp/up/dictionary_learning /tmp/up/upstream_dl
+    PYTHONPATH=/tmp/up .venv/bin/python scripts/quality.py --arch relu upstream-relu
+"""
+
 MATRYOSHKA_FRACTIONS = (0.125, 0.125, 0.25, 0.5)
 
 
@@ -148,15 +161,19 @@ def _batches(rows: torch.Tensor, batch_size: int):
     return (rows[i:i + batch_size] for i in range(0, rows.shape[0] - batch_size + 1, batch_size))
 
 
-def train_and_score(rows: torch.Tensor, configs: list, setup: QualitySetup, model,
+def train_and_score(rows: torch.Tensor, configs: list | None, setup: QualitySetup, model,
                     submodule: str, held, progress: bool = False) -> list[dict]:
-    """Train ``configs`` on ``rows`` (one stream, ``setup.steps`` steps) and score each."""
+    """Train ``configs`` on ``rows`` (one stream, ``setup.steps`` steps) and score each;
+    ``configs=None``: :data:`UPSTREAM`'s (:func:`upstream_dictionaries`)."""
     from .assess import score
     from .training import train_dictionaries
 
     start = time.perf_counter()
-    dictionaries = train_dictionaries(_batches(rows, setup.batch_size), configs,
-                                      steps=setup.steps, progress=progress)
+    if configs is None:
+        configs, dictionaries = upstream_dictionaries(rows, setup)
+    else:
+        dictionaries = train_dictionaries(_batches(rows, setup.batch_size), configs,
+                                          steps=setup.steps, progress=progress)
     seconds = time.perf_counter() - start
     results = []
     for config, dictionary in zip(configs, dictionaries):
@@ -168,6 +185,35 @@ def train_and_score(rows: torch.Tensor, configs: list, setup: QualitySetup, mode
                                         if k != "group_sizes"},
                         "train_seconds": seconds / len(configs), **metrics})
     return results
+
+
+def upstream_dictionaries(rows: torch.Tensor, setup: QualitySetup) -> tuple[list, list]:
+    """Train :data:`UPSTREAM`'s dictionaries on ``rows``; returns their configs (ours, for
+    the table) and the trained weights as our ``AutoEncoder`` (same keys, same math)."""
+    try:
+        from upstream_dl.trainers.standard import StandardTrainer
+    except ImportError as e:
+        raise ImportError(f"{UPSTREAM} needs upstream dictionary_learning importable as "
+                          "upstream_dl (see dictionary_learning.quality.UPSTREAM)") from e
+    from .architectures.autoencoder import AutoEncoder
+    from .trainer import resolve_schedules
+
+    configs = configs_for("relu", rows.shape[1], setup)
+    trainers = [StandardTrainer(
+        steps=setup.steps, activation_dim=c.activation_dim, dict_size=c.dict_size, layer=0,
+        lm_name="demo", lr=c.lr, l1_penalty=c.sparsity_penalty,
+        warmup_steps=resolve_schedules(c, setup.steps).warmup_steps,
+        sparsity_warmup_steps=None, seed=setup.seed, device="cpu", wandb_name=None)
+        for c in configs]
+    for step, x in enumerate(islice(_batches(rows, setup.batch_size), setup.steps)):
+        for trainer in trainers:
+            trainer.update(step, x)
+    dictionaries = []
+    for c, trainer in zip(configs, trainers):
+        ae = AutoEncoder(c.activation_dim, c.dict_size)
+        ae.load_state_dict(trainer.ae.state_dict())
+        dictionaries.append(ae)
+    return configs, dictionaries
 
 
 def run_quality(setup: QualitySetup = QualitySetup(), rows: torch.Tensor | None = None,
@@ -195,8 +241,8 @@ def run_quality(setup: QualitySetup = QualitySetup(), rows: torch.Tensor | None 
               "n_eval_tokens": sum(b.shape[0] for b in held.batches),
               "n_loss_texts": len(held.loss_texts), "rows": []}
     for arch in setup.archs:
-        configs = configs_for(arch, rows.shape[1], setup)
-        logger.info("training %d %s dictionaries", len(configs), arch)
+        configs = None if arch == UPSTREAM else configs_for(arch, rows.shape[1], setup)
+        logger.info("training %s dictionaries", arch)
         for result in train_and_score(rows, configs, setup, model, submodule, held, progress):
             report["rows"].append({"arch": arch, **result})
         if on_progress is not None:
@@ -248,7 +294,8 @@ def plot_frontier(report: dict, path: str | Path) -> None:
         rows = sorted((r for r in report["rows"] if r["arch"] == arch), key=lambda r: r["l0"])
         l0 = [r["l0"] for r in rows]
         for ax, key in zip(axes, ("frac_variance_explained", "frac_recovered")):
-            ax.plot(l0, [r.get(key, math.nan) for r in rows], marker="o", label=arch)
+            ax.plot(l0, [r.get(key, math.nan) for r in rows], marker="o", label=arch,
+                    **({"linestyle": "--", "color": "0.4"} if arch == UPSTREAM else {}))
     for ax, title in zip(axes, ("fraction of variance explained", "CE loss recovered")):
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per token)")

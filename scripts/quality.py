@@ -2,6 +2,10 @@
 
     .venv/bin/python scripts/quality.py                 # issue 19's budget, all architectures
     .venv/bin/python scripts/quality.py --arch relu topk --steps 300
+    PYTHONPATH=/tmp/up .venv/bin/python scripts/quality.py --arch relu upstream-relu
+
+(``upstream-relu``: upstream's ReLU trainer on the same rows; see
+``dictionary_learning.quality.UPSTREAM`` for how to make its package importable.)
 
 Writes the table (JSON, printed as Markdown) and the frontier plot (FVE and CE recovered
 against L0). The logic is :mod:`dictionary_learning.quality`.
@@ -12,14 +16,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dictionary_learning.quality import (SWEEP, QualitySetup, format_table,  # noqa: E402
-                                         run_quality, write_report)
+from dictionary_learning.quality import (SWEEP, UPSTREAM, QualitySetup,  # noqa: E402
+                                         format_table, run_quality, write_report)
 
 
 def main(argv=None) -> int:
     defaults = QualitySetup()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", default=list(defaults.archs), choices=list(SWEEP))
+    parser.add_argument("--arch", nargs="+", default=list(defaults.archs),
+                        choices=[*SWEEP, UPSTREAM],
+                        help=f"architectures to train (default: all of ours; {UPSTREAM}: "
+                             "upstream's StandardTrainer on the same rows, when its package "
+                             "is importable as upstream_dl)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--expansion", type=int, default=defaults.expansion)

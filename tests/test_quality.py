@@ -128,3 +128,45 @@ def test_quality_runs_on_a_tiny_budget_and_writes_table_and_plot(tmp_path):
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(report).splitlines()
     assert len(table) == 2 + 4 and "l1=" in table[2] and "k=" in table[-1]
+
+
+def test_upstream_line_needs_its_package_and_trains_on_the_same_rows(tmp_path, monkeypatch):
+    """``upstream-relu`` refuses clearly without upstream's package; with one (here a
+    stand-in whose trainer records what it is given and keeps its weights at their
+    initialisation) it gets the same batches as ours, in order, for ``steps`` steps, and
+    its weights are scored as an ``AutoEncoder``."""
+    import sys
+    import types
+
+    from dictionary_learning import quality
+    from dictionary_learning.architectures.autoencoder import AutoEncoder
+
+    setup = QualitySetup(steps=3, batch_size=4, expansion=2, max_per_arch=2)
+    rows = torch.randn(20, 8)
+    monkeypatch.setitem(sys.modules, "upstream_dl", None)
+    with pytest.raises(ImportError, match="upstream_dl"):
+        quality.upstream_dictionaries(rows, setup)
+
+    seen = []
+
+    class StandardTrainer:
+        def __init__(self, steps, activation_dim, dict_size, l1_penalty, warmup_steps, **kw):
+            self.args = (steps, activation_dim, dict_size, l1_penalty, warmup_steps)
+            self.ae = AutoEncoder(activation_dim, dict_size)
+
+        def update(self, step, x):
+            seen.append((self.args, step, x.clone()))
+
+    standard = types.ModuleType("upstream_dl.trainers.standard")
+    standard.StandardTrainer = StandardTrainer
+    for name, module in [("upstream_dl", types.ModuleType("upstream_dl")),
+                         ("upstream_dl.trainers", types.ModuleType("upstream_dl.trainers")),
+                         ("upstream_dl.trainers.standard", standard)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    configs, dictionaries = quality.upstream_dictionaries(rows, setup)
+    penalties = [c["sparsity_penalty"] for c in quality.SWEEP["relu"][:2]]
+    assert [c.sparsity_penalty for c in configs] == penalties
+    assert [a[0] for a in seen] == [(3, 8, 16, p, 1) for step in range(3) for p in penalties]
+    for args, step, x in seen:
+        torch.testing.assert_close(x, rows[4 * step:4 * step + 4], rtol=0, atol=0)
+    assert all(type(ae) is AutoEncoder and ae.dict_size == 16 for ae in dictionaries)
