@@ -61,7 +61,8 @@ class TrainerConfig:
     """Train on activations scaled to an average norm of sqrt(activation_dim); the scale is
     folded back into the saved weights, so saved dictionaries take raw activations."""
     resample_steps: int | None = None
-    """Every this many steps, features that did not fire in the window are resampled."""
+    """Every this many steps, features that did not fire in the window are resampled
+    (except in a run's last window, where they would end untrained)."""
     dead_feature_tokens: int | None = None
     """A feature that has not fired for this many tokens is dead (for AuxK-style losses).
     ``None`` (with ``dead_feature_steps`` unset too): 10M tokens, or a tenth of the run's
@@ -351,7 +352,11 @@ class Trainer:
             self.steps_since_active[fired] = 0
             self.tokens_since_active += n_rows
             self.tokens_since_active[fired] = 0
-            if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0:
+            if cfg.resample_steps and (step + 1) % cfg.resample_steps == 0 and (
+                    self.total_steps is None
+                    or step + 1 + cfg.resample_steps <= self.total_steps):
+                # (not in the run's last window: a feature resampled then would end the
+                # run untrained)
                 self.resample_dead(step, x, target)
         return StepResult(loss.detach(), out, target, lr, batch=self.batch)
 

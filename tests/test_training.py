@@ -82,6 +82,25 @@ def test_resampling_revives_dead_features(resample):
         assert not fires.any()
 
 
+def test_no_resampling_in_the_last_window_of_a_known_run():
+    """Resampling every 5 steps of a 12-step run: after step index 4 (5 more steps to
+    train) but not after index 9 (a feature resampled then would get 2 steps), so the 4
+    dead features are resampled once. A run of unknown length resamples at every
+    interval."""
+    x = torch.randn(64, 8)
+
+    def resampled(total_steps):
+        trainer = Trainer(TrainerConfig(8, 32, resample_steps=5), total_steps=total_steps)
+        for step in range(12):
+            with torch.no_grad():
+                trainer.dictionary.b_enc[:4] = -1e3  # 4 features never fire
+            trainer.step(step, x, x)
+        return trainer.n_resampled
+
+    assert resampled(12) == 4
+    assert resampled(None) == 8
+
+
 def test_entropy_penalty_trains_and_lowers_loss():
     X, _ = planted_dictionary_data(d=16, m=32, n=20_000, seed=2)
     cfg = TrainerConfig(16, 64, lr=1e-2, sparsity_penalty=0.1, penalty="entropy",
