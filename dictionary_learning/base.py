@@ -202,7 +202,8 @@ class Dictionary(nn.Module):
     @torch.no_grad()
     def constrain_gradients(self) -> None:
         """Before the optimizer step: project out of each decoder row's gradient its
-        component along that row (with ``decoder_norm == "unit"``)."""
+        component along that row (with ``decoder_norm == "unit"``). The rows need not be
+        unit yet (the ``AutoEncoder``'s first step has rows of norm 0.1)."""
         if self.decoder_norm != "unit":
             return
         name = self._roles["W_dec"]
@@ -211,7 +212,8 @@ class Dictionary(nn.Module):
             return
         w = self.W_dec
         g = feature_rows(param.grad, self._feature_axis[name])
-        g.sub_((g * w).sum(dim=-1, keepdim=True) * w)
+        g.sub_((g * w).sum(dim=-1, keepdim=True)
+               / w.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-30) * w)
 
     @torch.no_grad()
     def apply_constraints(self, out: LossOutput | None = None) -> None:

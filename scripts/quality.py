@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--expansion", type=int, default=defaults.expansion)
     parser.add_argument("--json", default="runs/quality/quality.json",
                         help="where the table goes (default: %(default)s)")
-    parser.add_argument("--png", default="docs/quality.png",
-                        help="where the plot goes (default: %(default)s)")
+    parser.add_argument("--png", default="runs/quality/quality.png",
+                        help="where the plot goes (default: %(default)s; the README's is "
+                             "docs/quality.png)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup = QualitySetup(steps=args.steps, batch_size=args.batch_size,

@@ -1,6 +1,7 @@
-"""Issue 19: the ReLU family's data-fitted encoder scale, schedules that follow the run's
-length (warm-up, dead-feature window, batch-top-k threshold start), and the quality
-module on a tiny budget."""
+"""Issue 19: the ReLU family's initialisation (upstream's for the AutoEncoder, the
+data-fitted encoder scale for Gated and JumpReLU), schedules that follow the run's length
+(warm-up, dead-feature window, batch-top-k threshold start), and the quality module on a
+tiny budget."""
 
 import json
 import logging
@@ -14,7 +15,7 @@ from dictionary_learning.demo_lm import DemoLMConfig
 from dictionary_learning.quality import QualitySetup, format_table, run_quality, write_report
 from dictionary_learning.trainer import Trainer, TrainerConfig, resolve_schedules
 
-RELU_FAMILY = ["AutoEncoder", "GatedAutoEncoder", "JumpReluAutoEncoder"]
+FITTED = ["GatedAutoEncoder", "JumpReluAutoEncoder"]  # the plain AutoEncoder: upstream's init
 
 
 def offset_data(n=2048, d=16, seed=0):
@@ -22,7 +23,7 @@ def offset_data(n=2048, d=16, seed=0):
     return torch.randn(n, d, generator=g) * 2 + torch.randn(d, generator=g)
 
 
-@pytest.mark.parametrize("cls", RELU_FAMILY)
+@pytest.mark.parametrize("cls", FITTED)
 def test_first_batch_fixes_the_least_squares_encoder_scale(cls):
     """After start(): encoder rows are the tied decoder rows times one scale s, and s
     minimises the first reconstruction's squared error (a nearby scale is worse), which
@@ -50,6 +51,26 @@ def test_first_batch_fixes_the_least_squares_encoder_scale(cls):
     best = mse(1.0)
     assert best < mse(0.95) and best < mse(1.05)
     assert best < float(x.pow(2).sum(-1).mean()) < float(unscaled)
+
+
+def test_autoencoder_starts_as_upstream_and_its_decoder_is_unit_after_one_step():
+    """Upstream's initialisation: tied rows of norm 0.1 at the first step, encoder bias
+    nn.Linear's uniform draw in +-1/sqrt(d) (seeded: the same for the same seed), the
+    pre-encoder bias zero; the constraint restores unit decoder rows after the step."""
+    d, m = 16, 256
+    x = offset_data(d=d)
+    t = Trainer(TrainerConfig(d, m, seed=3), total_steps=10)
+    ae = t.dictionary
+    b = ae.encoder.bias.detach().clone()
+    assert b.abs().max() <= d ** -0.5 and b.std() > 0.5 * d ** -0.5 / 3 ** 0.5
+    torch.testing.assert_close(b, Trainer(TrainerConfig(d, m, seed=3)).dictionary.b_enc.detach())
+    t.start(x, x)
+    for w in (ae.W_enc, ae.W_dec):
+        torch.testing.assert_close(w.norm(dim=-1), torch.full((m,), 0.1))
+    torch.testing.assert_close(ae.W_enc, ae.W_dec)
+    assert torch.equal(ae.b_enc, b) and not ae.bias.any()
+    t.step(0, x, x)
+    torch.testing.assert_close(ae.W_dec.norm(dim=-1), torch.ones(m))
 
 
 def test_short_run_leaves_warm_up_and_long_run_keeps_1000():

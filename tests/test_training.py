@@ -26,7 +26,7 @@ def test_step_equals_textbook_sae_step():
     trainer = Trainer(cfg)
     ae = trainer.dictionary
     xs = [torch.randn(32, 8) for _ in range(3)]
-    trainer.start(xs[0], xs[0])  # the data-fitted encoder scale: the reference starts after it
+    trainer.start(xs[0], xs[0])  # the initial 0.1 scale: the reference starts after it
     b, We, be, Wd = (ae.bias.detach().clone().requires_grad_(),
                      ae.encoder.weight.detach().clone().requires_grad_(),
                      ae.encoder.bias.detach().clone().requires_grad_(),
@@ -40,7 +40,7 @@ def test_step_equals_textbook_sae_step():
         loss = (x - x_hat).pow(2).sum(-1).mean() + 0.1 * f.abs().sum(-1).mean()
         opt.zero_grad()
         loss.backward()
-        with torch.no_grad():
+        with torch.no_grad():  # rows of norm 0.1 at the first step
             cols = Wd / Wd.norm(dim=0, keepdim=True)
             Wd.grad -= (Wd.grad * cols).sum(0, keepdim=True) * cols
         for group in opt.param_groups:
@@ -84,21 +84,23 @@ def test_resampling_revives_dead_features(resample):
 
 def test_no_resampling_in_the_last_window_of_a_known_run():
     """Resampling every 5 steps of a 12-step run: after step index 4 (5 more steps to
-    train) but not after index 9 (a feature resampled then would get 2 steps), so the 4
-    dead features are resampled once. A run of unknown length resamples at every
-    interval."""
+    train) but not after index 9 (a feature resampled then would get 2 steps). A run of
+    unknown length resamples at every interval."""
     x = torch.randn(64, 8)
 
-    def resampled(total_steps):
+    def resampled_at(total_steps):
         trainer = Trainer(TrainerConfig(8, 32, resample_steps=5), total_steps=total_steps)
+        real, steps = trainer.resample_dead, []
+        trainer.resample_dead = lambda step, *a: steps.append(step) or real(step, *a)
         for step in range(12):
             with torch.no_grad():
                 trainer.dictionary.b_enc[:4] = -1e3  # 4 features never fire
             trainer.step(step, x, x)
-        return trainer.n_resampled
+        assert trainer.n_resampled >= 4 * len(steps)
+        return steps
 
-    assert resampled(12) == 4
-    assert resampled(None) == 8
+    assert resampled_at(12) == [4]
+    assert resampled_at(None) == [4, 9]
 
 
 def test_entropy_penalty_trains_and_lowers_loss():

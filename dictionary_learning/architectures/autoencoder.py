@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..base import Dictionary, check_keys, check_width
 from ..registry import register
-from .init import fit_encoder_scale
+from .init import UPSTREAM_INIT_NORM
 
 
 @register
@@ -19,9 +19,12 @@ class AutoEncoder(Dictionary):
     Stored: ``bias [d]``, ``encoder.weight [m, d]``, ``encoder.bias [m]``,
     ``decoder.weight [d, m]`` (column ``i`` is feature ``i``).
 
-    Initialisation: random unit decoder columns, encoder rows equal to them, biases zero;
-    before the first step the encoder rows are scaled to the least-squares fit of the first
-    batch (about ``2 d / m``; see :mod:`.init`). Upstream uses a fixed 0.1 for both.
+    Initialisation, upstream's (measured, :mod:`.init`): random unit decoder columns,
+    encoder rows equal to them, encoder bias ``nn.Linear``'s uniform draw in
+    ``±1/sqrt(d)``, pre-encoder bias zero; before the first step (:meth:`init_from_data`)
+    both weights are scaled to norm 0.1. The unit-norm constraint restores the decoder's
+    norm after that step, so the first step turns its directions about ten times as far as
+    a later one.
     """
 
     _feature_axis = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
@@ -34,7 +37,10 @@ class AutoEncoder(Dictionary):
         self.bias = nn.Parameter(torch.zeros(activation_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        bias = self.encoder.bias.detach().clone()  # nn.Linear's uniform draw, kept
         self.init_tied_rows()
+        with torch.no_grad():
+            self.encoder.bias.copy_(bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
@@ -49,9 +55,10 @@ class AutoEncoder(Dictionary):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        """Scale the tied encoder rows to the least-squares fit of the first batch
-        (:func:`~dictionary_learning.architectures.init.fit_encoder_scale`)."""
-        fit_encoder_scale(self, x, target)
+        """Before the first step: encoder and decoder rows scaled to norm 0.1 (upstream's
+        initialisation; the data only decide when, not how)."""
+        self.W_dec.mul_(UPSTREAM_INIT_NORM / self.W_dec.norm(dim=-1, keepdim=True))
+        self.W_enc.mul_(UPSTREAM_INIT_NORM / self.W_enc.norm(dim=-1, keepdim=True))
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:
