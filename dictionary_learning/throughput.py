@@ -106,7 +106,8 @@ def bench_steps(d: int, plan: Plan, device: str) -> list[dict]:
 def end_to_end_run(model, path: str, texts: list[str], d: int, m: int, name: str,
                    plan: Plan, device: str, prefetch: int | None = None) -> dict:
     """``train_dictionaries`` for ``plan.e2e_steps`` steps on a live packed buffer whose
-    store was filled before the clock started (``prefetch``: the loop's; default 2)."""
+    store was filled before the clock started (``prefetch``: the loop's; default: 2 on
+    CUDA, 0 on the CPU, :func:`~dictionary_learning.training.default_prefetch`)."""
     ctx_len = 128
     buffer = ActivationBuffer(_cycle(texts), model, path, ctx_len=ctx_len, pack=True,
                               refresh_batch_size=min(64, plan.batch // ctx_len or 1),

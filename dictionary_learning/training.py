@@ -69,6 +69,16 @@ def split_batch(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
                                                    non_blocking=True))
 
 
+
+def default_prefetch(device: torch.device) -> int:
+    """Batches read ahead when ``prefetch`` is not given (a resumable source): 2 on a CUDA
+    device, where the model's forward and the copy overlap the step; 0 on the CPU, where
+    the reading thread and the step share the same cores: measured on 2 cores, the demo's
+    training ran 0.94x as fast with 2 read ahead (median of 3 alternating runs; 0.83x and
+    0.87x at the throughput section's CPU sizes) although the loop waited less."""
+    return 2 if torch.device(device).type == "cuda" else 0
+
+
 class _Stream:
     """The loop's view of its activation source.
 
@@ -92,7 +102,8 @@ class _Stream:
                              for name in ("state_dict", "load_state_dict"))
         if prefetch is not None and (int(prefetch) != prefetch or prefetch < 0):
             raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
-        self.prefetch = (2 if self.resumable else 0) if prefetch is None else int(prefetch)
+        self.prefetch = (default_prefetch(self.device) if self.resumable else 0) \
+            if prefetch is None else int(prefetch)
 
     def batches(self, limit: int | None = None) -> Iterator:
         """The batches to train on, at most ``limit`` of them."""
@@ -247,10 +258,10 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     global batch; the list returned holds those, others are ``None``.
 
     ``prefetch`` batches are read ahead by a thread of their own (a buffer's refill, the
-    copy to a CUDA device) while the current one trains; ``None`` (default) means 2 for a
-    resumable source (whose checkpoints save the batches read ahead) and 0 for a plain
-    iterable (the caller positions those by ``texts_read``, and a Ctrl-C stops at the batch
-    being made). ``compile=True`` runs each dictionary's loss through ``torch.compile``
+    copy to a CUDA device) while the current one trains; ``None`` (default) means
+    :func:`default_prefetch` for a resumable source (whose checkpoints save the batches
+    read ahead: 2 on a CUDA device, 0 on the CPU) and 0 for a plain iterable (the caller
+    positions those by ``texts_read``, and a Ctrl-C stops at the batch being made). ``compile=True`` runs each dictionary's loss through ``torch.compile``
     (a string names the backend, e.g. ``"aot_eager"``); where compiling fails (no
     compiler, an unsupported operation) it warns once and runs eagerly. A ``stats`` dict
     is filled with the run's timing: ``wall_s``, ``data_wait_s`` (time the loop waited for

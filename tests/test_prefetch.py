@@ -142,12 +142,15 @@ def test_prefetched_training_equals_synchronous_training(batches, prefetch):
     assert len(got) == 2 and no_prefetch_thread_left()
 
 
-def test_default_prefetch_reads_ahead_only_for_resumable_sources(batches):
+def test_default_prefetch_reads_ahead_only_for_resumable_sources_on_cuda(batches):
+    from dictionary_learning.training import default_prefetch
+
     resumable, plain = {}, {}
     train_dictionaries(Positioned(batches), configs()[:1], steps=2, progress=False,
                        stats=resumable)
     train_dictionaries(iter(batches), configs()[:1], steps=2, progress=False, stats=plain)
-    assert resumable["prefetch"] == 2 and plain["prefetch"] == 0
+    assert resumable["prefetch"] == 0 and plain["prefetch"] == 0  # on the CPU: none
+    assert default_prefetch(torch.device("cuda", 0)) == 2 and default_prefetch("cpu") == 0
     with pytest.raises(ValueError, match="prefetch must be a non-negative integer"):
         train_dictionaries(iter(batches), configs()[:1], steps=2, progress=False, prefetch=-1)
 
