@@ -14,20 +14,12 @@ import torch
 from dictionary_learning import TrainerConfig, train_dictionaries
 from dictionary_learning.base import LossContext
 from dictionary_learning.buffer import ActivationBuffer
-from dictionary_learning.dictionary import (AutoEncoderTopK, BatchTopKSAE,
-                                            MatryoshkaBatchTopKSAE)
 
 from conftest import planted_dictionary_data
+from test_sparse import CLASSES, D, M  # the same small TopK-family dictionaries
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = dict(rtol=1e-4, atol=1e-5)
-D, M = 32, 64
-CLASSES = {
-    "AutoEncoderTopK": lambda: AutoEncoderTopK(D, M, k=6, k_aux=6),
-    "BatchTopKSAE": lambda: BatchTopKSAE(D, M, k=6, k_aux=6),
-    "MatryoshkaBatchTopKSAE": lambda: MatryoshkaBatchTopKSAE(D, M, k=6,
-                                                             group_sizes=[8, 24, 32], k_aux=6),
-}
 
 
 def loss_and_grads(ae, x, dead, autocast):
