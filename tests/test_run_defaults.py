@@ -4,6 +4,7 @@ dictionary, not in the working folder; a data file that the held-out split empti
 refused naming --eval-texts; an unset warm-up follows the run's length."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,11 @@ def test_an_unset_warmup_follows_the_run(steps, expected):
     # An explicit value is kept.
     (config,) = trainer_configs(TrainRun(steps=steps, warmup_steps=7), 64, 64)
     assert resolve_schedules(config, run.total_steps).warmup_steps == 7
+
+
+def test_runs_that_would_train_nothing_are_refused():
+    for kwargs, message in [(dict(steps=0), "--steps must be positive, got 0"),
+                            (dict(tokens=100, batch_size=1024),
+                             "--tokens 100 is less than one batch (--batch-size 1024)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainRun(**kwargs)
