@@ -229,15 +229,16 @@ class Dictionary(nn.Module):
         decoder bias at the data's geometric median). Does nothing by default."""
 
     @torch.no_grad()
-    def init_tied_rows(self, norm: float = 1.0) -> None:
+    def init_tied_rows(self, norm: float = 1.0, zero_encoder_bias: bool = True) -> None:
         """The usual initialisation, through the accessor layout: random decoder rows of the
-        given norm, encoder rows equal to them, encoder bias 0."""
+        given norm, encoder rows equal to them, encoder bias 0 (kept as it is with
+        ``zero_encoder_bias=False``)."""
         w = torch.randn(self.dict_size, self.W_dec.shape[1])
         w *= norm / w.norm(dim=-1, keepdim=True)
         self.W_dec.copy_(w)
         if self.W_enc.shape == w.shape:
             self.W_enc.copy_(w)
-        if self.b_enc is not None:
+        if zero_encoder_bias and self.b_enc is not None:
             self.b_enc.zero_()
 
     @torch.no_grad()

@@ -37,10 +37,7 @@ class AutoEncoder(Dictionary):
         self.bias = nn.Parameter(torch.zeros(activation_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
-        bias = self.encoder.bias.detach().clone()  # nn.Linear's uniform draw, kept
-        self.init_tied_rows()
-        with torch.no_grad():
-            self.encoder.bias.copy_(bias)
+        self.init_tied_rows(zero_encoder_bias=False)  # keeps nn.Linear's uniform bias draw
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.activation_dim, f"{type(self).__name__}.encode")
