@@ -69,13 +69,13 @@ def split_batch(batch, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
                                                    non_blocking=True))
 
 
-
 def default_prefetch(device: torch.device) -> int:
     """Batches read ahead when ``prefetch`` is not given (a resumable source): 2 on a CUDA
     device, where the model's forward and the copy overlap the step; 0 on the CPU, where
     the reading thread and the step share the same cores: measured on 2 cores, the demo's
-    training ran 0.94x as fast with 2 read ahead (median of 3 alternating runs; 0.83x and
-    0.87x at the throughput section's CPU sizes) although the loop waited less."""
+    training ran 0.94x as fast with 2 read ahead (median of 3 alternating runs; 0.76x and
+    0.84x at the throughput section's CPU sizes, d 64 and 128) although the loop waited
+    less."""
     return 2 if torch.device(device).type == "cuda" else 0
 
 
@@ -261,8 +261,9 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
     copy to a CUDA device) while the current one trains; ``None`` (default) means
     :func:`default_prefetch` for a resumable source (whose checkpoints save the batches
     read ahead: 2 on a CUDA device, 0 on the CPU) and 0 for a plain iterable (the caller
-    positions those by ``texts_read``, and a Ctrl-C stops at the batch being made). ``compile=True`` runs each dictionary's loss through ``torch.compile``
-    (a string names the backend, e.g. ``"aot_eager"``); where compiling fails (no
+    positions those by ``texts_read``, and a Ctrl-C stops at the batch being made).
+    ``compile=True`` runs each dictionary's loss through ``torch.compile`` (a string names
+    the backend, e.g. ``"aot_eager"``); where compiling fails (no
     compiler, an unsupported operation) it warns once and runs eagerly. A ``stats`` dict
     is filled with the run's timing: ``wall_s``, ``data_wait_s`` (time the loop waited for
     batches), their ratio ``data_wait_fraction``, ``steps``, ``prefetch`` and ``compiled``
