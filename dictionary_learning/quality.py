@@ -161,17 +161,18 @@ def _batches(rows: torch.Tensor, batch_size: int):
     return (rows[i:i + batch_size] for i in range(0, rows.shape[0] - batch_size + 1, batch_size))
 
 
-def train_and_score(rows: torch.Tensor, configs: list | None, setup: QualitySetup, model,
+def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                     submodule: str, held, progress: bool = False) -> list[dict]:
-    """Train ``configs`` on ``rows`` (one stream, ``setup.steps`` steps) and score each;
-    ``configs=None``: :data:`UPSTREAM`'s (:func:`upstream_dictionaries`)."""
+    """Train ``arch``'s dictionaries on ``rows`` (one stream, ``setup.steps`` steps; for
+    :data:`UPSTREAM`, :func:`upstream_dictionaries`) and score each."""
     from .assess import score
     from .training import train_dictionaries
 
     start = time.perf_counter()
-    if configs is None:
+    if arch == UPSTREAM:
         configs, dictionaries = upstream_dictionaries(rows, setup)
     else:
+        configs = configs_for(arch, rows.shape[1], setup)
         dictionaries = train_dictionaries(_batches(rows, setup.batch_size), configs,
                                           steps=setup.steps, progress=progress)
     seconds = time.perf_counter() - start
@@ -241,9 +242,8 @@ def run_quality(setup: QualitySetup = QualitySetup(), rows: torch.Tensor | None 
               "n_eval_tokens": sum(b.shape[0] for b in held.batches),
               "n_loss_texts": len(held.loss_texts), "rows": []}
     for arch in setup.archs:
-        configs = None if arch == UPSTREAM else configs_for(arch, rows.shape[1], setup)
         logger.info("training %s dictionaries", arch)
-        for result in train_and_score(rows, configs, setup, model, submodule, held, progress):
+        for result in train_and_score(rows, arch, setup, model, submodule, held, progress):
             report["rows"].append({"arch": arch, **result})
         if on_progress is not None:
             on_progress(report)
