@@ -226,3 +226,37 @@ def test_compile_traces_the_sparse_loss_and_trains_the_same(batches, caplog):
     for key, value in expected[0].state_dict().items():
         torch.testing.assert_close(got[0].state_dict()[key], value, rtol=1e-4, atol=1e-5,
                                    msg=key)
+
+
+def test_live_buffer_read_ahead_resumes_to_the_run_left_alone(models, texts, tmp_path):
+    """The real ActivationBuffer on a tiny model, read ahead (prefetch 2, as on CUDA; the
+    CPU default is 0): its text fails after a checkpoint, the resumed run ends equal to one
+    left alone, which equals reading in turn."""
+    from dictionary_learning.buffer import ActivationBuffer
+
+    model = models["pythia"]
+    def buffer(fail_after=None):
+        def stream():
+            for i, t in enumerate(texts[:300]):
+                if i == fail_after:
+                    raise RuntimeError("killed")
+                yield t
+        return ActivationBuffer(stream(), model, "gpt_neox.layers.1.mlp", n_ctxs=8,
+                                ctx_len=32, refresh_batch_size=4, out_batch_size=48,
+                                progress=False, seed=5)
+
+    cfg = [TrainerConfig(64, 256, dict_class="AutoEncoderTopK", dict_kwargs={"k": 8},
+                         lr=3e-3, warmup_steps=4)]
+    in_turn = train_dictionaries(buffer(), cfg, steps=24, progress=False, prefetch=0)
+    alone = train_dictionaries(buffer(), cfg, steps=24, progress=False, prefetch=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_dictionaries(buffer(fail_after=26), cfg, steps=24, save_dir=tmp_path,
+                           save_steps=5, progress=False, prefetch=2)
+    assert list(tmp_path.rglob("*.pt")), "no checkpoint was written before the failure"
+    stats = {}
+    resumed = train_dictionaries(buffer(), cfg, steps=24, save_dir=tmp_path, save_steps=5,
+                                 progress=False, prefetch=2, resume=True, stats=stats)
+    assert_same(alone, in_turn)
+    assert_same(resumed, alone)
+    assert 0 < stats["steps"] < 24 and stats["prefetch"] == 2  # it resumed, reading ahead
+    assert no_prefetch_thread_left()
