@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from dictionary_learning.benchmark import (EXTRA_SECTIONS, SECTIONS, Workload,  # noqa: E402
-                                           format_table, run_all)
+from dictionary_learning.measure.benchmark import (EXTRA_SECTIONS, SECTIONS, Workload,  # noqa: E402
+                                                   format_table, run_all)
 
 QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_mlp=256, vocab_size=8192, dict_size=512,
              train_batch=512, refresh_batch_size=16, n_texts=64, repeats=1, train_steps=2,
@@ -70,7 +70,8 @@ def main() -> int:
 
 
 def distributed(args) -> int:
-    from dictionary_learning.distributed_benchmark import distributed_benchmark, format_distributed
+    from dictionary_learning.measure.distributed_benchmark import (distributed_benchmark,
+                                                                   format_distributed)
 
     device = args.device or "cpu"
     results = []

@@ -5,10 +5,10 @@
     PYTHONPATH=/tmp/up .venv/bin/python scripts/quality.py --arch relu upstream-relu
 
 (``upstream-relu``: upstream's ReLU trainer on the same rows; see
-``dictionary_learning.quality.UPSTREAM`` for how to make its package importable.)
+``dictionary_learning.measure.quality.UPSTREAM`` for how to make its package importable.)
 
 Writes the table (JSON, printed as Markdown) and the frontier plot (FVE and CE recovered
-against L0). The logic is :mod:`dictionary_learning.quality`.
+against L0). The logic is :mod:`dictionary_learning.measure.quality`.
 """
 import argparse
 import logging
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dictionary_learning.quality import (SWEEP, UPSTREAM, QualitySetup,  # noqa: E402
-                                         format_table, run_quality, write_report)
+from dictionary_learning.measure.quality import (SWEEP, UPSTREAM, QualitySetup,  # noqa: E402
+                                                 format_table, run_quality, write_report)
 
 
 def main(argv=None) -> int:

@@ -52,7 +52,7 @@ def test_benchmark_guard_section_reports_guard_and_step_per_architecture(tmp_pat
 def test_benchmark_refuses_an_unknown_section():
     import pytest
 
-    from dictionary_learning.benchmark import Workload, run_all
+    from dictionary_learning.measure.benchmark import Workload, run_all
 
     with pytest.raises(ValueError, match="unknown sections"):
         run_all(Workload(), sections=("guard", "nope"))
@@ -118,8 +118,8 @@ def test_throughput_section_runs_its_code_path_at_tiny_sizes():
     data-wait fraction) at tiny sizes on CPU; its figures are measured on a device."""
     import math
 
-    from dictionary_learning.benchmark import Workload
-    from dictionary_learning.throughput import Plan, bench_throughput, throughput_rows
+    from dictionary_learning.measure.benchmark import Workload
+    from dictionary_learning.measure.throughput import Plan, bench_throughput, throughput_rows
 
     plan = Plan(models=(("tiny", 32, 2, 64),), widths=(64, 128), k=4, batch=64,
                 step_repeats=1, e2e_steps=3, store_batches=2, collection_texts=8)

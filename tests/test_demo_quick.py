@@ -16,7 +16,7 @@ import torch
 
 from dictionary_learning import demo_lm
 from dictionary_learning.cli import build_parser
-from dictionary_learning.next_steps import next_commands, python_command
+from dictionary_learning.cli.next_steps import next_commands, python_command
 from dictionary_learning.train_run import PRESETS, TrainRun
 
 REPO = Path(__file__).resolve().parents[1]

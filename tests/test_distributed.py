@@ -195,8 +195,8 @@ def test_device_map_auto_trains_on_cpu(tmp_path, tmp_path_factory):
 
 
 def test_distributed_benchmark_reports_its_figures():
-    from dictionary_learning.distributed_benchmark import (distributed_benchmark,
-                                                           format_distributed)
+    from dictionary_learning.measure.distributed_benchmark import (distributed_benchmark,
+                                                                   format_distributed)
 
     r = distributed_benchmark(d=16, m=64, batch=64, steps=3)
     assert r["world"] == 2 and r["step_distributed_s"] > 0 and r["allreduce_s"] > 0

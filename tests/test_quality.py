@@ -12,7 +12,8 @@ import torch
 from dictionary_learning import trainer as trainer_module
 from dictionary_learning.architectures.batch_topk import threshold_schedule
 from dictionary_learning.demo_lm import DemoLMConfig
-from dictionary_learning.quality import QualitySetup, format_table, run_quality, write_report
+from dictionary_learning.measure.quality import (QualitySetup, format_table, run_quality,
+                                                 write_report)
 from dictionary_learning.trainer import Trainer, TrainerConfig, resolve_schedules
 
 FITTED = ["GatedAutoEncoder", "JumpReluAutoEncoder"]  # the plain AutoEncoder: upstream's init
@@ -159,7 +160,7 @@ def test_upstream_line_needs_its_package_and_trains_on_the_same_rows(tmp_path, m
     import sys
     import types
 
-    from dictionary_learning import quality
+    from dictionary_learning.measure import quality
     from dictionary_learning.architectures.autoencoder import AutoEncoder
 
     setup = QualitySetup(steps=3, batch_size=4, expansion=2, max_per_arch=2)

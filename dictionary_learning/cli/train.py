@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from ..loading import read_config
-from ..next_steps import next_steps_text
+from .next_steps import next_steps_text
 from ..train_run import PRESETS, TrainRun, read_run_args, run_training
 from ..training import TrainingInterrupted
 from .common import CLIError, format_table

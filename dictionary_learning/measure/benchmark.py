@@ -36,14 +36,14 @@ from itertools import islice
 
 import torch
 
-from .buffer import ActivationBuffer
-from .cache import Cache, CachedActivations, write_cache
-from .cpu_memory import keep_freed_memory
-from .submodules import hidden_states
-from .tiny import stdlib_texts, train_tokenizer
-from .tokens import tokenize_batch
-from .trainer import Trainer, TrainerConfig, nonfinite_part
-from .training import train_dictionaries
+from ..buffer import ActivationBuffer
+from ..cache import Cache, CachedActivations, write_cache
+from ..cpu_memory import keep_freed_memory
+from ..submodules import hidden_states
+from ..tiny import stdlib_texts, train_tokenizer
+from ..tokens import tokenize_batch
+from ..trainer import Trainer, TrainerConfig, nonfinite_part
+from ..training import train_dictionaries
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class Workload:
     device: str = "cpu"
     dtype: str = "float32"
     keep_freed_memory: bool = True
-    """Tune glibc malloc as the command-line entry points do (see ``cpu_memory.py``)."""
+    """Tune glibc malloc as the command-line entry points do (see
+    ``dictionary_learning/cpu_memory.py``)."""
     cache_texts: int = 256
     """Texts the cache section collects (packed: ~21k tokens of the standard library's)."""
     cache_shard_rows: int = 4096

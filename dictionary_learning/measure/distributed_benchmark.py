@@ -28,7 +28,7 @@ import torch
 
 
 def _config(d: int, m: int, arch: str):
-    from .trainer import TrainerConfig
+    from ..trainer import TrainerConfig
 
     return TrainerConfig(d, m, dict_class=arch, dict_kwargs={"k": 32} if "TopK" in arch else {},
                          lr=1e-3, warmup_steps=1, seed=0)
@@ -49,7 +49,7 @@ def _worker(rank: int, world: int, port: int, d: int, m: int, batch: int, steps:
             arch: str, device: str, threads: int, out: str) -> None:
     import torch.distributed as dist
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -93,7 +93,7 @@ def distributed_benchmark(world: int = 2, d: int = 512, m: int = 4096, batch: in
     """The figures above, as a dict (times in seconds, medians over ``steps - 1`` steps)."""
     import torch.multiprocessing as mp
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     if batch % world:
         raise ValueError(f"batch {batch} does not split over {world} processes")

@@ -29,10 +29,10 @@ from itertools import islice
 
 import torch
 
-from .buffer import ActivationBuffer
-from .tiny import stdlib_texts
-from .trainer import TrainerConfig
-from .training import train_dictionaries
+from ..buffer import ActivationBuffer
+from ..tiny import stdlib_texts
+from ..trainer import TrainerConfig
+from ..training import train_dictionaries
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def host_syncs_per_step(config: TrainerConfig, batch: int, device: str, steps: i
     import warnings
     from collections import Counter
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     if torch.device(device).type != "cuda":
         return None

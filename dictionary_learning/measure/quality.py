@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, write_json
+from ..files import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def configs_for(arch: str, d: int, setup: QualitySetup) -> list:
     """The :class:`~dictionary_learning.trainer.TrainerConfig` of every dictionary of
     ``arch``. Schedules (warm-up, dead-feature window, threshold estimation) are left to
     the trainer's defaults, which scale with the run."""
-    from .trainer import TrainerConfig
+    from ..trainer import TrainerConfig
 
     if arch not in SWEEP:
         raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join(SWEEP)}")
@@ -117,9 +117,9 @@ def configs_for(arch: str, d: int, setup: QualitySetup) -> list:
 def open_demo(setup: QualitySetup, progress: bool = False, lm_config=None, cache_dir=None):
     """``(model, submodule path, held-out texts, training text stream)`` of the demo LM
     (``lm_config``: another :class:`~dictionary_learning.demo_lm.DemoLMConfig`, for tests)."""
-    from . import demo_lm
-    from .sources import open_texts
-    from .submodules import submodule_path
+    from .. import demo_lm
+    from ..sources import open_texts
+    from ..submodules import submodule_path
 
     model = demo_lm.demo_language_model(cache_dir=cache_dir, progress=progress,
                                         config=lm_config or demo_lm.DEMO_LM_CONFIG)
@@ -140,7 +140,7 @@ def collect_rows(model, submodule: str, texts, n_rows: int, setup: QualitySetup,
     """``[n_rows, d]`` shuffled activations from an :class:`ActivationBuffer` over
     ``texts`` (packed windows), collected once so every architecture trains on the same
     rows in the same order."""
-    from .buffer import ActivationBuffer
+    from ..buffer import ActivationBuffer
 
     buffer = ActivationBuffer(texts, model, submodule, n_ctxs=setup.n_ctxs,
                               ctx_len=setup.ctx_len, refresh_batch_size=32,
@@ -165,8 +165,8 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                     submodule: str, held, progress: bool = False) -> list[dict]:
     """Train ``arch``'s dictionaries on ``rows`` (one stream, ``setup.steps`` steps; for
     :data:`UPSTREAM`, :func:`upstream_dictionaries`) and score each."""
-    from .assess import score
-    from .training import train_dictionaries
+    from ..assess import score
+    from ..training import train_dictionaries
 
     start = time.perf_counter()
     if arch == UPSTREAM:
@@ -195,9 +195,9 @@ def upstream_dictionaries(rows: torch.Tensor, setup: QualitySetup) -> tuple[list
         from upstream_dl.trainers.standard import StandardTrainer
     except ImportError as e:
         raise ImportError(f"{UPSTREAM} needs upstream dictionary_learning importable as "
-                          "upstream_dl (see dictionary_learning.quality.UPSTREAM)") from e
-    from .architectures.autoencoder import AutoEncoder
-    from .trainer import resolve_schedules
+                          "upstream_dl (see dictionary_learning.measure.quality.UPSTREAM)") from e
+    from ..architectures.autoencoder import AutoEncoder
+    from ..trainer import resolve_schedules
 
     configs = configs_for("relu", rows.shape[1], setup)
     trainers = [StandardTrainer(
@@ -224,8 +224,8 @@ def run_quality(setup: QualitySetup = QualitySetup(), rows: torch.Tensor | None 
     the table). ``rows`` may be given (``[>= steps * batch_size, d]``) to skip collection;
     ``lm_config`` and ``cache_dir`` choose another demo LM (tests); ``on_progress(report)``
     is called with the report so far after each architecture."""
-    from .assess import held_out_from
-    from .buffer import ActivationBuffer
+    from ..assess import held_out_from
+    from ..buffer import ActivationBuffer
 
     torch.manual_seed(setup.seed)
     model, submodule, held_out, training = open_demo(setup, progress, lm_config, cache_dir)
