@@ -102,7 +102,7 @@ def test_resolution_is_idempotent_and_follows_the_run():
         cfg = TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs)
         once = resolve_schedules(cfg, 200)
         assert resolve_schedules(once, 200) == once
-        assert once.dead_feature_tokens == 10_000_000 and once.dead_feature_steps == 20
+        assert once.dead_feature_tokens == 10_000_000 and once.dead_feature_steps == 3  # 200/75
         if cls != "AutoEncoder":
             assert {k: once.dict_kwargs[k] for k in threshold_schedule(200)} == \
                 threshold_schedule(200)
@@ -114,14 +114,14 @@ def test_resolution_is_idempotent_and_follows_the_run():
 
 @pytest.mark.parametrize("cls", ["AutoEncoderTopK", "BatchTopKSAE"])
 def test_auxk_switches_on_in_a_short_run_only_with_the_scaled_window(cls):
-    """Features that never fire (their encoder bias pushed far down) count as dead after a
-    tenth of a 60-step run, so the auxk term is nonzero; with the old fixed 10M-token
-    window it stays exactly 0."""
+    """Features that never fire (their encoder bias pushed far down) count as dead after
+    1/75 of a 450-step run (6 steps), so the auxk term is nonzero from then on; with the
+    old fixed 10M-token window it stays exactly 0."""
     x = offset_data(n=256)
 
     def auxk_terms(**extra):
         t = Trainer(TrainerConfig(16, 64, dict_class=cls, dict_kwargs={"k": 4}, **extra),
-                    total_steps=60)
+                    total_steps=450)
         with torch.no_grad():
             t.dictionary.b_enc[:32] = -1e3  # half the features can never fire
         return [float(t.step(i, x, x).out.terms["auxk"].detach()) for i in range(12)]

@@ -7,7 +7,7 @@ import torch
 from ..registry import register
 from ..distributed import LOCAL, Batch
 from ..sparse import global_batch_topk_code
-from .topk import AutoEncoderTopK
+from .topk import AUXK_ALPHA, AutoEncoderTopK
 
 
 # Horizon of the estimate kept before ``threshold_start_step`` (about the last 10 batches):
@@ -136,9 +136,9 @@ class BatchTopKSAE(AutoEncoderTopK):
 
     _training_counters = ("_steps_seen", "early_threshold")
 
-    def __init__(self, activation_dim: int, dict_size: int, k: int, auxk_alpha: float = 1 / 32,
-                 k_aux: int | None = None, threshold_beta: float = 0.999,
-                 threshold_start_step: int = 1000):
+    def __init__(self, activation_dim: int, dict_size: int, k: int,
+                 auxk_alpha: float = AUXK_ALPHA, k_aux: int | None = None,
+                 threshold_beta: float = 0.999, threshold_start_step: int = 1000):
         super().__init__(activation_dim, dict_size, k, auxk_alpha=auxk_alpha, k_aux=k_aux)
         if not 0 <= threshold_beta < 1:
             raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")

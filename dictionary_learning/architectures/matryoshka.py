@@ -13,7 +13,7 @@ from ..sparse import auxk_loss, encode_sparse, global_batch_topk_code, sparse_de
 from .batch_topk import (add_early_threshold, count_step_and_update_threshold,
                          inference_state_dict, inference_threshold, scale_early_threshold,
                          threshold_encode)
-from .topk import check_k
+from .topk import AUXK_ALPHA, check_k
 
 
 @register
@@ -44,7 +44,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
     _training_counters = ("_steps_seen", "early_threshold")
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
-                 auxk_alpha: float = 1 / 32, k_aux: int | None = None,
+                 auxk_alpha: float = AUXK_ALPHA, k_aux: int | None = None,
                  threshold_beta: float = 0.999, threshold_start_step: int = 1000):
         super().__init__()
         group_sizes = [int(g) for g in group_sizes]
