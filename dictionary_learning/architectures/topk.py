@@ -28,7 +28,9 @@ rows and held-out evaluation for each), seeds 0 / 1, features alive and FVE:
 At half the budget (750 steps, window 10), seed 0: TopK 0.544 -> 0.629 alive (FVE 0.9843
 -> 0.9853), BatchTopK 0.757 -> 0.844 (FVE 0.9855 -> 0.9872). Either change alone did not
 help (1500 steps, seed 0): weight 1 with the 150-step window left 0.546 (TopK) and 0.754
-(BatchTopK) alive; the 20-step window with weight 1/32, 0.515 (TopK).
+(BatchTopK) alive; the 20-step window with weight 1/32, 0.515 (TopK). Larger weights with
+the 20-step window did no better: 2 and 4 left TopK 0.717 and 0.719, BatchTopK 0.823 and
+0.828 alive, at the same FVE.
 
 A reading, not measured: the AuxK term reaches only dead latents' rows, and Adam's second
 moments of those rows remember their gradients from before they died, so with weight 1/32
