@@ -29,6 +29,25 @@ def models():
     return built
 
 
+@pytest.fixture
+def failing_buffer(models, texts):
+    """``make(fail_after=None)``: a live ActivationBuffer on the tiny Pythia's layer-1 MLP
+    over 300 texts, whose text stream raises ``RuntimeError("killed")`` at text
+    ``fail_after`` (a run stopped mid-read; the same seed and sizes every call)."""
+    from dictionary_learning.buffer import ActivationBuffer
+
+    def make(fail_after=None):
+        def stream():
+            for i, t in enumerate(texts[:300]):
+                if i == fail_after:
+                    raise RuntimeError("killed")
+                yield t
+        return ActivationBuffer(stream(), models["pythia"], "gpt_neox.layers.1.mlp",
+                                n_ctxs=8, ctx_len=32, refresh_batch_size=4,
+                                out_batch_size=48, progress=False, seed=5)
+    return make
+
+
 def planted_dictionary_data(d: int = 32, m: int = 64, n: int = 100_000, k: int = 3,
                             seed: int = 0):
     """Activations built as sparse non-negative combinations of ``m`` known unit directions.

@@ -13,7 +13,6 @@ import torch
 
 from dictionary_learning import TrainerConfig, train_dictionaries
 from dictionary_learning.base import LossContext
-from dictionary_learning.buffer import ActivationBuffer
 
 from conftest import planted_dictionary_data
 from test_sparse import CLASSES, D, M  # the same small TopK-family dictionaries
@@ -103,21 +102,10 @@ def test_cuda_prefetch_from_pinned_memory_trains_as_synchronous_reading():
 
 
 @needs_cuda
-def test_cuda_buffer_prefetch_resumes_to_the_run_left_alone(models, texts, tmp_path):
+def test_cuda_buffer_prefetch_resumes_to_the_run_left_alone(failing_buffer, tmp_path):
     """A live buffer (store in pinned host memory, model on CPU) training on CUDA with
     prefetch; stopped by its text failing after a checkpoint, then resumed."""
-    model = models["pythia"]
-
-    def buffer(fail_after=None):
-        def stream():
-            for i, t in enumerate(texts[:300]):
-                if i == fail_after:
-                    raise RuntimeError("killed")
-                yield t
-        return ActivationBuffer(stream(), model, "gpt_neox.layers.1.mlp", n_ctxs=8,
-                                ctx_len=32, refresh_batch_size=4, out_batch_size=48,
-                                progress=False, seed=5)
-
+    buffer = failing_buffer
     assert buffer()._store[0].is_pinned()  # a CPU store is pinned when CUDA is there
     cfg = [TrainerConfig(64, 256, dict_class="AutoEncoderTopK", dict_kwargs={"k": 8},
                          lr=3e-3, warmup_steps=4)]

@@ -228,22 +228,11 @@ def test_compile_traces_the_sparse_loss_and_trains_the_same(batches, caplog):
                                    msg=key)
 
 
-def test_live_buffer_read_ahead_resumes_to_the_run_left_alone(models, texts, tmp_path):
+def test_live_buffer_read_ahead_resumes_to_the_run_left_alone(failing_buffer, tmp_path):
     """The real ActivationBuffer on a tiny model, read ahead (prefetch 2, as on CUDA; the
     CPU default is 0): its text fails after a checkpoint, the resumed run ends equal to one
     left alone, which equals reading in turn."""
-    from dictionary_learning.buffer import ActivationBuffer
-
-    model = models["pythia"]
-    def buffer(fail_after=None):
-        def stream():
-            for i, t in enumerate(texts[:300]):
-                if i == fail_after:
-                    raise RuntimeError("killed")
-                yield t
-        return ActivationBuffer(stream(), model, "gpt_neox.layers.1.mlp", n_ctxs=8,
-                                ctx_len=32, refresh_batch_size=4, out_batch_size=48,
-                                progress=False, seed=5)
+    buffer = failing_buffer
 
     cfg = [TrainerConfig(64, 256, dict_class="AutoEncoderTopK", dict_kwargs={"k": 8},
                          lr=3e-3, warmup_steps=4)]
