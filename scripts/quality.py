@@ -31,15 +31,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--expansion", type=int, default=defaults.expansion)
+    parser.add_argument("--alive-rows", type=int, default=defaults.alive_rows,
+                        help="count features alive on the run's last this many training "
+                             "activations too (default: %(default)s; 0: only on the "
+                             "held-out documents)")
     parser.add_argument("--json", default="runs/quality/quality.json",
                         help="where the table goes (default: %(default)s)")
     parser.add_argument("--png", default="runs/quality/quality.png",
                         help="where the plot goes (default: %(default)s; the README's is "
                              "docs/quality.png)")
     args = parser.parse_args(argv)
+    if args.alive_rows < 0:
+        parser.error(f"--alive-rows must be 0 or more, got {args.alive_rows}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup = QualitySetup(steps=args.steps, batch_size=args.batch_size,
-                         expansion=args.expansion, archs=tuple(args.arch))
+                         expansion=args.expansion, alive_rows=args.alive_rows,
+                         archs=tuple(args.arch))
     report = run_quality(setup, progress=True,
                          on_progress=lambda r: write_report(r, args.json, args.png))
     print(format_table(report))

@@ -143,13 +143,38 @@ def test_quality_runs_on_a_tiny_budget_and_writes_table_and_plot(tmp_path):
     assert [(r["arch"], r["dict_class"]) for r in report["rows"]] == [
         ("relu", "AutoEncoder")] * 2 + [("batchtopk", "BatchTopKSAE")] * 2
     for row in report["rows"]:
-        for key in ("l0", "frac_variance_explained", "frac_alive", "frac_recovered"):
+        for key in ("l0", "frac_variance_explained", "frac_alive", "frac_recovered",
+                    "frac_alive_train"):
             assert isinstance(row[key], float), (key, row)
+        assert 0 < row["frac_alive_train"] <= 1
     write_report(report, tmp_path / "q.json", tmp_path / "q.png")
     assert json.loads((tmp_path / "q.json").read_text())["rows"][0]["arch"] == "relu"
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(report).splitlines()
     assert len(table) == 2 + 4 and "l1=" in table[2] and "k=" in table[-1]
+    assert "alive (train)" in table[0]
+
+
+def test_fraction_alive_counts_features_that_fire_on_any_row_in_any_chunk():
+    """Against a hand count: feature i of a diagonal ReLU dictionary fires exactly where
+    column i of the data is positive; columns 2 and 4 never are, column 3 only on the last
+    row (so a chunk boundary must not lose it), and features 5-7 have a bias no row
+    overcomes. The count covers every row and only the rows given."""
+    from dictionary_learning.architectures.autoencoder import AutoEncoder
+    from dictionary_learning.measure.quality import fraction_alive
+
+    ae = AutoEncoder(5, 8)
+    with torch.no_grad():
+        ae.bias.zero_()
+        ae.encoder.weight.zero_()
+        ae.encoder.weight[:5] = torch.eye(5)
+        ae.encoder.bias.copy_(torch.tensor([0.0] * 5 + [-100.0] * 3))
+    rows = -torch.rand(10, 5)
+    rows[0, 0] = rows[4, 1] = rows[9, 3] = 1.0
+    for chunk in (1, 3, 4, 10, 64):
+        assert fraction_alive(ae, rows, chunk=chunk) == 3 / 8
+    assert fraction_alive(ae, rows[:9], chunk=4) == 2 / 8
+    assert fraction_alive(ae, rows[:0]) == 0.0
 
 
 def test_upstream_line_needs_its_package_and_trains_on_the_same_rows(tmp_path, monkeypatch):

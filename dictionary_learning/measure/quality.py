@@ -84,6 +84,11 @@ class QualitySetup:
     """Documents kept aside for evaluation (the activation metrics run on all of them)."""
     eval_loss_texts: int = 64
     """Of those, how many the loss metrics (CE recovered, KL) run on."""
+    alive_rows: int = 2 ** 18
+    """The run's last this many training activations, on which features alive are counted
+    too (``frac_alive_train``): the held-out documents' 8,160 tokens see a feature that
+    fires once in 10,000 tokens less than every other time, so their ``frac_alive`` counts
+    rare features as dead. 0: not counted."""
     lr: float = 1e-3
     seed: int = 0
     archs: tuple[str, ...] = tuple(SWEEP)
@@ -161,10 +166,22 @@ def _batches(rows: torch.Tensor, batch_size: int):
     return (rows[i:i + batch_size] for i in range(0, rows.shape[0] - batch_size + 1, batch_size))
 
 
+@torch.no_grad()
+def fraction_alive(dictionary, rows: torch.Tensor, chunk: int = 8192) -> float:
+    """Fraction of ``dictionary``'s features that are non-zero on at least one of ``rows``
+    (encoded ``chunk`` rows at a time, as the dictionary encodes at inference)."""
+    fired = torch.zeros(dictionary.dict_size, dtype=torch.bool, device=rows.device)
+    for i in range(0, rows.shape[0], chunk):
+        fired |= (dictionary.encode(rows[i:i + chunk]) != 0).any(dim=0)
+    return fired.double().mean().item()
+
+
 def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                     submodule: str, held, progress: bool = False) -> list[dict]:
     """Train ``arch``'s dictionaries on ``rows`` (one stream, ``setup.steps`` steps; for
-    :data:`UPSTREAM`, :func:`upstream_dictionaries`) and score each."""
+    :data:`UPSTREAM`, :func:`upstream_dictionaries`) and score each: on ``held`` (the
+    held-out documents), and features alive on the last ``setup.alive_rows`` rows trained
+    on (``frac_alive_train``)."""
     from ..assess import score
     from ..training import train_dictionaries
 
@@ -177,9 +194,13 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                                           steps=setup.steps, progress=progress)
     seconds = time.perf_counter() - start
     results = []
+    seen = rows[: setup.steps * setup.batch_size]
+    last = seen[max(0, seen.shape[0] - setup.alive_rows):] if setup.alive_rows else None
     for config, dictionary in zip(configs, dictionaries):
         metrics = score(dictionary, model, submodule, "out", setup.ctx_len, held)
         metrics.pop("feature_frequencies")
+        if last is not None:
+            metrics["frac_alive_train"] = fraction_alive(dictionary, last)
         results.append({"dict_class": config.dict_class,
                         "sparsity_penalty": config.sparsity_penalty,
                         "dict_kwargs": {k: v for k, v in config.dict_kwargs.items()
@@ -252,6 +273,7 @@ def run_quality(setup: QualitySetup = QualitySetup(), rows: torch.Tensor | None 
 
 COLUMNS = (("arch", "arch", "{}"), ("sparsity", "sparsity", "{}"), ("l0", "L0", "{:.1f}"),
            ("frac_variance_explained", "FVE", "{:.4f}"), ("frac_alive", "alive", "{:.3f}"),
+           ("frac_alive_train", "alive (train)", "{:.3f}"),
            ("frac_recovered", "CE rec.", "{:.4f}"), ("kl_score", "KL score", "{:.4f}"))
 
 
