@@ -81,6 +81,8 @@ def reconstruction_metrics(dictionary, activations, max_batches: int | None = No
     fired = shift = sum_dev = None
     for batch in islice(_batches(activations), max_batches):
         x_in, x = _split(batch)
+        if x_in.shape[0] == 0:  # an empty batch adds nothing (and has no first row)
+            continue
         x_hat, f = dictionary(_to_dictionary(dictionary, x_in), output_features=True)
         if x_hat.shape != x.shape:
             raise ValueError(f"reconstruction has shape {tuple(x_hat.shape)} but the target has "

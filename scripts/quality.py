@@ -41,12 +41,13 @@ def main(argv=None) -> int:
                         help="where the plot goes (default: %(default)s; the README's is "
                              "docs/quality.png)")
     args = parser.parse_args(argv)
-    if args.alive_rows < 0:
-        parser.error(f"--alive-rows must be 0 or more, got {args.alive_rows}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    setup = QualitySetup(steps=args.steps, batch_size=args.batch_size,
-                         expansion=args.expansion, alive_rows=args.alive_rows,
-                         archs=tuple(args.arch))
+    try:
+        setup = QualitySetup(steps=args.steps, batch_size=args.batch_size,
+                             expansion=args.expansion, alive_rows=args.alive_rows,
+                             archs=tuple(args.arch))
+    except ValueError as e:
+        parser.error(str(e))
     report = run_quality(setup, progress=True,
                          on_progress=lambda r: write_report(r, args.json, args.png))
     print(format_table(report))

@@ -155,13 +155,15 @@ def test_quality_runs_on_a_tiny_budget_and_writes_table_and_plot(tmp_path):
     assert "alive (train)" in table[0]
 
 
-def test_fraction_alive_counts_features_that_fire_on_any_row_in_any_chunk():
-    """Against a hand count: feature i of a diagonal ReLU dictionary fires exactly where
-    column i of the data is positive; columns 2 and 4 never are, column 3 only on the last
-    row (so a chunk boundary must not lose it), and features 5-7 have a bias no row
-    overcomes. The count covers every row and only the rows given."""
+def test_alive_count_covers_features_that_fire_on_any_row_in_any_chunk():
+    """Against a hand count, as the quality run counts alive features on training rows
+    (``reconstruction_metrics`` over chunks): feature i of a diagonal ReLU dictionary
+    fires exactly where column i of the data is positive; columns 2 and 4 never are,
+    column 3 only on the last row (so a chunk boundary must not lose it), and features 5-7
+    have a bias no row overcomes. The count covers every row and only the rows given; a
+    negative number of rows is refused before anything runs."""
     from dictionary_learning.architectures.autoencoder import AutoEncoder
-    from dictionary_learning.measure.quality import fraction_alive
+    from dictionary_learning.evaluation import reconstruction_metrics
 
     ae = AutoEncoder(5, 8)
     with torch.no_grad():
@@ -171,10 +173,17 @@ def test_fraction_alive_counts_features_that_fire_on_any_row_in_any_chunk():
         ae.encoder.bias.copy_(torch.tensor([0.0] * 5 + [-100.0] * 3))
     rows = -torch.rand(10, 5)
     rows[0, 0] = rows[4, 1] = rows[9, 3] = 1.0
+
+    def alive(rows, chunk):
+        return reconstruction_metrics(ae, rows.split(chunk))["frac_alive"]
+
     for chunk in (1, 3, 4, 10, 64):
-        assert fraction_alive(ae, rows, chunk=chunk) == 3 / 8
-    assert fraction_alive(ae, rows[:9], chunk=4) == 2 / 8
-    assert fraction_alive(ae, rows[:0]) == 0.0
+        assert alive(rows, chunk) == 3 / 8
+    assert alive(rows[:9], 4) == 2 / 8
+    with pytest.raises(ValueError, match="no tokens"):
+        alive(rows[:0], 4)
+    with pytest.raises(ValueError, match="alive_rows must be 0 or more"):
+        QualitySetup(alive_rows=-1)
 
 
 def test_upstream_line_needs_its_package_and_trains_on_the_same_rows(tmp_path, monkeypatch):

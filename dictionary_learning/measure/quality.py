@@ -96,6 +96,10 @@ class QualitySetup:
     max_per_arch: int | None = None
     """Train only the first this many sparsities of each architecture (tests)."""
 
+    def __post_init__(self):
+        if self.alive_rows < 0:
+            raise ValueError(f"alive_rows must be 0 or more, got {self.alive_rows}")
+
 
 def configs_for(arch: str, d: int, setup: QualitySetup) -> list:
     """The :class:`~dictionary_learning.trainer.TrainerConfig` of every dictionary of
@@ -166,16 +170,6 @@ def _batches(rows: torch.Tensor, batch_size: int):
     return (rows[i:i + batch_size] for i in range(0, rows.shape[0] - batch_size + 1, batch_size))
 
 
-@torch.no_grad()
-def fraction_alive(dictionary, rows: torch.Tensor, chunk: int = 8192) -> float:
-    """Fraction of ``dictionary``'s features that are non-zero on at least one of ``rows``
-    (encoded ``chunk`` rows at a time, as the dictionary encodes at inference)."""
-    fired = torch.zeros(dictionary.dict_size, dtype=torch.bool, device=rows.device)
-    for i in range(0, rows.shape[0], chunk):
-        fired |= (dictionary.encode(rows[i:i + chunk]) != 0).any(dim=0)
-    return fired.double().mean().item()
-
-
 def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                     submodule: str, held, progress: bool = False) -> list[dict]:
     """Train ``arch``'s dictionaries on ``rows`` (one stream, ``setup.steps`` steps; for
@@ -183,6 +177,7 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
     held-out documents), and features alive on the last ``setup.alive_rows`` rows trained
     on (``frac_alive_train``)."""
     from ..assess import score
+    from ..evaluation import reconstruction_metrics
     from ..training import train_dictionaries
 
     start = time.perf_counter()
@@ -200,7 +195,8 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
         metrics = score(dictionary, model, submodule, "out", setup.ctx_len, held)
         metrics.pop("feature_frequencies")
         if last is not None:
-            metrics["frac_alive_train"] = fraction_alive(dictionary, last)
+            metrics["frac_alive_train"] = reconstruction_metrics(
+                dictionary, last.split(8192))["frac_alive"]
         results.append({"dict_class": config.dict_class,
                         "sparsity_penalty": config.sparsity_penalty,
                         "dict_kwargs": {k: v for k, v in config.dict_kwargs.items()
