@@ -182,6 +182,12 @@ class Dictionary(nn.Module):
     def b_enc(self) -> torch.Tensor | None:
         return self._role("b_enc")
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one group of every parameter by default. A
+        group may carry ``lr_scale``, a multiplier of the run's learning rate (schedule
+        included) for its parameters."""
+        return [{"params": list(self.parameters())}]
+
     def feature_parameters(self) -> dict[str, tuple[nn.Parameter, int]]:
         """Every parameter indexed by feature, with the axis that indexes it."""
         return {n: (self._stored(n), ax) for n, ax in self._feature_axis.items()}

@@ -242,7 +242,7 @@ class Trainer:
         self.requested_config = config
         self.config = config = resolve_schedules(config, total_steps)
         self.dictionary = config.build().to(device)
-        self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.dictionary.param_groups(), lr=config.lr)
         m = self.dictionary.dict_size
         self.steps_since_active = torch.zeros(m, dtype=torch.long, device=device)
         self.tokens_since_active = torch.zeros(m, dtype=torch.long, device=device)
@@ -329,7 +329,7 @@ class Trainer:
         if self.activation_scale != 1.0:
             x, target = x * self.activation_scale, target * self.activation_scale
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         ctx = LossContext(penalty=cfg.penalty, dead=self.dead_features(), batch=self.batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):

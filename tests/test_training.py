@@ -218,6 +218,30 @@ def test_learning_rate_and_sparsity_schedules():
         Trainer(cfg)
 
 
+def test_jumprelu_thresholds_train_at_their_scaled_learning_rate():
+    """Adam's first step moves every parameter with a gradient by the learning rate (its
+    update is lr * g / |g|): the thresholds by ``threshold_lr_scale`` times the warmed-up
+    rate, ``b_dec`` by the rate itself."""
+    torch.manual_seed(0)
+    X, _ = planted_dictionary_data(d=16, m=32, n=256, seed=0)
+    cfg = TrainerConfig(16, 64, lr=1e-3, warmup_steps=4, dict_class="JumpReluAutoEncoder",
+                        sparsity_penalty=1.0, dict_kwargs={"target_l0": 2.0, "bandwidth": 0.5,
+                                                           "threshold_lr_scale": 7.0})
+    trainer = Trainer(cfg)
+    ae = trainer.dictionary
+    trainer.start(X, X)
+    before = {name: p.detach().clone() for name, p in ae.named_parameters()}
+    trainer.step(0, X, X)
+    lr = 1e-3 / 4  # the first warm-up step
+    moved = (ae.threshold - before["threshold"]).abs()
+    assert (moved > 0).sum() > 10  # thresholds with pre-activations within the kernel
+    torch.testing.assert_close(moved[moved > 0], torch.full_like(moved[moved > 0], 7 * lr),
+                               rtol=1e-3, atol=0)
+    torch.testing.assert_close((ae.b_dec - before["b_dec"]).abs(),
+                               torch.full((16,), lr), rtol=1e-3, atol=0)
+    assert [g.get("lr_scale", 1.0) for g in trainer.optimizer.param_groups] == [1.0, 7.0]
+
+
 def test_gradient_clipping_bounds_the_gradient_norm(monkeypatch):
     trainer = Trainer(TrainerConfig(8, 32, grad_clip_norm=1e-3, warmup_steps=1))
     norms = []
