@@ -428,6 +428,14 @@ class Trainer:
 
     def load_state(self, state: dict) -> None:
         """Continue from :meth:`state` of an earlier run of the same config."""
+        groups = len(state.get("optimizer", {}).get("param_groups", self.optimizer.param_groups))
+        if groups != len(self.optimizer.param_groups):
+            # e.g. a JumpReLU run from before its thresholds had their own learning rate
+            raise ValueError(
+                f"the checkpoint's optimizer has {groups} parameter group(s) where this "
+                f"{self.config.dict_class} trains {len(self.optimizer.param_groups)}: it was "
+                "written by an older version and cannot be resumed exactly; its dictionaries "
+                "still load (load_dictionary); start a new run")
         try:
             self.dictionary.load_state_dict(state["dictionary"])
             self.optimizer.load_state_dict(state["optimizer"])

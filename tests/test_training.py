@@ -242,6 +242,20 @@ def test_jumprelu_thresholds_train_at_their_scaled_learning_rate():
     assert [g.get("lr_scale", 1.0) for g in trainer.optimizer.param_groups] == [1.0, 7.0]
 
 
+def test_a_checkpoint_with_other_parameter_groups_is_refused_clearly():
+    """A JumpReLU checkpoint from before the thresholds had their own group (one Adam group
+    for every parameter) is refused, not resumed at another threshold rate."""
+    X, _ = planted_dictionary_data(d=16, m=32, n=64, seed=0)
+    cfg = TrainerConfig(16, 64, warmup_steps=1, dict_class="JumpReluAutoEncoder")
+    trainer = Trainer(cfg)
+    trainer.step(0, X, X)
+    Trainer(cfg).load_state(trainer.state())  # this version's own state resumes
+    old = trainer.state()
+    old["optimizer"] = torch.optim.Adam(trainer.dictionary.parameters()).state_dict()
+    with pytest.raises(ValueError, match="1 parameter group.*trains 2.*older version"):
+        Trainer(cfg).load_state(old)
+
+
 def test_gradient_clipping_bounds_the_gradient_norm(monkeypatch):
     trainer = Trainer(TrainerConfig(8, 32, grad_clip_norm=1e-3, warmup_steps=1))
     norms = []
