@@ -27,18 +27,19 @@ moves figures in the third decimal), targets 16 / 32 / 64:
 - scale 10: L0 32.6 / 34.4 / 54.9, FVE 0.9922 / 0.9931 / 0.9951, 39-41% alive
 - scale 30: L0 23.7 / 28.2 / 63.9, FVE 0.9886 / 0.9909 / 0.9959, 22-30% alive
 
-At scale 30 the L0s are near their targets and FVE is on BatchTopK's line at the same
-L0 (0.9886 / 0.9902 / 0.9954 there, interpolated in log L0). The cost is features: a threshold
-that rises past all of its feature's pre-activations gets no gradient again, so more
-features die; and a short run can end below its target (the demo preset, 500 steps at
-target 45: L0 28.2 with 24% alive, against 112.9 with 90% at scale 1). Tried on top of scale 30 and not adopted: AuxK on the dead latents (as
-the TopK family's, weight 1) hit the targets (L0 16.5 / 32.1 / 62.8) but left 2-5% of the
-features alive and FVE 0.9673 / 0.9839 / 0.9907; shrinking a dead feature's threshold by
-10% per step revived them (81% / 76% / 66% alive, L0 17.3 / 32.9 / 61.9) but FVE
-(0.9796 / 0.9917 / 0.9944) and CE loss recovered (0.970 / 0.973 / 0.985) fell below
-BatchTopK's at the same L0; warming the sparsity weight up over the first 300 steps hit
-the targets (L0 16.6 / 32.7 / 64.2) with even fewer alive (21% / 12% / 6%) and FVE 0.9792 /
-0.9907 / 0.9942. Features alive counted on the held-out documents' 8,160 tokens.
+At scale 30 the L0s are near their targets and FVE is on BatchTopK's line at the same L0
+(0.9886 / 0.9902 / 0.9954 there, interpolated in log L0). The cost is features: a
+threshold that rises past all of its feature's pre-activations gets no gradient again,
+so more features die; and a short run can end below its target (the demo preset, 500
+steps at target 45: L0 28.2 with 24% alive, against 112.9 with 90% at scale 1). Tried on
+top of scale 30 and not adopted: AuxK on the dead latents (as the TopK family's, weight
+1) hit the targets (L0 16.5 / 32.1 / 62.8) but left 2-5% of the features alive and FVE
+0.9673 / 0.9839 / 0.9907; shrinking a dead feature's threshold by 10% per step revived
+them (81% / 76% / 66% alive, L0 17.3 / 32.9 / 61.9) but FVE (0.9796 / 0.9917 / 0.9944)
+and CE loss recovered (0.970 / 0.973 / 0.985) fell below BatchTopK's at the same L0;
+warming the sparsity weight up over the first 300 steps hit the targets (L0 16.6 / 32.7
+/ 64.2) with even fewer alive (21% / 12% / 6%) and FVE 0.9792 / 0.9907 / 0.9942.
+Features alive counted on the held-out documents' 8,160 tokens.
 """
 
 
