@@ -17,7 +17,8 @@ from dictionary_learning.dictionary import AutoEncoderTopK, MatryoshkaBatchTopKS
 from dictionary_learning.geometry import geometric_median
 from dictionary_learning.loading import load_dictionary
 from dictionary_learning.registry import DICTIONARY_CLASSES
-from dictionary_learning.sparse import SparseCode, batch_topk_code, gather_preacts
+from dictionary_learning.sparse import (AUXK_NEGATIVE_SLOPE, SparseCode, batch_topk_code,
+                                        gather_preacts)
 from dictionary_learning.training import TrainerConfig, train_dictionaries
 
 D, M = 16, 48
@@ -296,11 +297,14 @@ def test_matryoshka_every_prefix_reconstructs():
 # -- the sparse training path against dense references ----------------------------------
 
 
-def dense_auxk(residual, post, dead, W_dec_rows, k_aux, alpha):
-    """OpenAI / upstream AuxK, dense: top-k_aux of the dead latents' post-ReLU activations."""
-    masked = torch.where(dead[None], post, torch.full_like(post, -float("inf")))
+def dense_auxk(residual, pre, dead, W_dec_rows, k_aux, alpha):
+    """OpenAI / upstream AuxK, dense: the top-k_aux dead latents by pre-activation, their
+    ReLU passing AUXK_NEGATIVE_SLOPE of the gradient where the pre-activation is negative."""
+    masked = torch.where(dead[None], pre, torch.full_like(pre, -float("inf")))
     top = masked.topk(min(k_aux, int(dead.sum())), dim=-1)
-    aux_f = torch.zeros_like(post).scatter(-1, top.indices, top.values)
+    picked = pre.gather(-1, top.indices)
+    leaky = torch.where(picked > 0, picked, AUXK_NEGATIVE_SLOPE * (picked - picked.detach()))
+    aux_f = torch.zeros_like(pre).scatter(-1, top.indices, leaky)
     e = residual.detach()
     l2 = (e - aux_f @ W_dec_rows).pow(2).sum(-1).mean()
     return alpha * l2 / (e - e.mean(0)).pow(2).sum(-1).mean()
@@ -317,7 +321,8 @@ def dense_reference(name, ae, x, dead):
         W_enc_rows, b_enc = leaves["encoder.weight"], leaves["encoder.bias"]
         W_dec_rows = leaves["decoder.weight"].T
     b_dec = leaves["b_dec"]
-    post = torch.relu((x - b_dec) @ W_enc_rows.T + b_enc)
+    pre = (x - b_dec) @ W_enc_rows.T + b_enc
+    post = torch.relu(pre)
     if name == "AutoEncoderTopK":
         top = post.topk(k, dim=-1)
         f = torch.zeros_like(post).scatter(-1, top.indices, top.values)
@@ -335,7 +340,7 @@ def dense_reference(name, ae, x, dead):
     else:
         x_hat = f @ W_dec_rows + b_dec
     terms["mse"] = (x - x_hat).pow(2).sum(-1).mean()
-    terms["auxk"] = dense_auxk(x - x_hat, post, dead, W_dec_rows, ae.k_aux, ae.auxk_alpha)
+    terms["auxk"] = dense_auxk(x - x_hat, pre, dead, W_dec_rows, ae.k_aux, ae.auxk_alpha)
     return terms, leaves
 
 

@@ -18,8 +18,8 @@ import torch
 from dictionary_learning.base import LossContext
 from dictionary_learning.dictionary import (AutoEncoderTopK, BatchTopKSAE,
                                             MatryoshkaBatchTopKSAE)
-from dictionary_learning.sparse import (SparseCode, gather_preacts, sparse_decode,
-                                        topk_code)
+from dictionary_learning.sparse import (AUXK_NEGATIVE_SLOPE, SparseCode, auxk_loss,
+                                        gather_preacts, sparse_decode, topk_code)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 FP32_GRAD = dict(rtol=1e-4, atol=1e-5)
@@ -135,7 +135,8 @@ def dense_loss(name, ae, x, support, dead):
     leaves["x"] = x.detach().double().requires_grad_()
     W_enc, b_enc, W_dec, b_dec = roles(name, leaves)
     x64 = leaves["x"]
-    post = torch.relu((x64 - b_dec) @ W_enc.T + b_enc)
+    pre = (x64 - b_dec) @ W_enc.T + b_enc
+    post = torch.relu(pre)
     f = post * support
     x_hat = f @ W_dec + b_dec
     terms = {"mse": (x64 - x_hat).pow(2).sum(-1).mean()}
@@ -143,7 +144,9 @@ def dense_loss(name, ae, x, support, dead):
         terms["prefix_mse"] = sum((x64 - (f[:, :end] @ W_dec[:end] + b_dec)).pow(2).sum(-1)
                                   .mean() for end in ae.group_ends[:-1])
     e = (x64 - x_hat).detach()
-    aux = (post * dead) @ W_dec
+    # AuxK's ReLU: value relu(pre), gradient AUXK_NEGATIVE_SLOPE where pre < 0
+    leaky = torch.where(pre > 0, pre, AUXK_NEGATIVE_SLOPE * (pre - pre.detach()))
+    aux = (leaky * dead) @ W_dec
     terms["auxk"] = ae.auxk_alpha * (e - aux).pow(2).sum(-1).mean() / \
         (e - e.mean(0)).pow(2).sum(-1).mean()
     return terms, leaves
@@ -194,3 +197,30 @@ def test_sparse_loss_values_and_gradients_equal_the_dense_reference(name, mode):
             torch.testing.assert_close(got.double(), leaves[n].grad, **FP32_GRAD, msg=n)
         else:
             close_bf16(got, leaves[n].grad, n)
+
+
+@pytest.mark.parametrize("slope", [0.0, AUXK_NEGATIVE_SLOPE, 1.0])
+def test_auxk_teaches_a_dead_latent_whose_pre_activations_are_all_negative(slope):
+    """AuxK's value is the textbook one (the latent contributes relu(pre) = 0), but the
+    encoder row and bias of a dead latent that never has a positive pre-activation get
+    ``slope`` times the gradient a linear unit would get, computed here by hand; its
+    decoder row gets none (its value is 0)."""
+    g = torch.Generator().manual_seed(3)
+    B, d, m = 5, 4, 3
+    x_c = torch.randn(B, d, dtype=torch.float64, generator=g)
+    W_enc = torch.randn(m, d, dtype=torch.float64, generator=g).requires_grad_()
+    b_enc = torch.tensor([-100.0, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(m, d, dtype=torch.float64, generator=g).requires_grad_()
+    e = torch.randn(B, d, dtype=torch.float64, generator=g)
+    pre = (x_c @ W_enc.T + b_enc).detach()
+    assert (pre[:, 0] < 0).all()
+    dead = torch.tensor([True, False, False])
+    loss = auxk_loss(e, x_c, W_enc, b_enc, W_dec, pre, dead, k_aux=1, negative_slope=slope)
+    denom = (e - e.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(loss.detach(), e.pow(2).sum(-1).mean() / denom)
+    loss.backward()
+    d_val = -2 * (e @ W_dec[0].detach()) / (B * denom)  # dloss/dvalue of latent 0, per token
+    torch.testing.assert_close(b_enc.grad[0], slope * d_val.sum())
+    torch.testing.assert_close(W_enc.grad[0], slope * d_val @ x_c)
+    assert float(W_dec.grad.abs().sum()) == 0.0
+    assert float(b_enc.grad[1:].abs().sum()) == 0.0  # alive latents get nothing from AuxK
