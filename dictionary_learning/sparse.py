@@ -238,6 +238,10 @@ on the held-out documents, FVE, CE loss recovered):
 - slope 1 (straight-through): 0.985 / 0.797, FVE 0.9862, CE 0.9742
 - slope 1 for the first half of the run, then 0: 0.941 / 0.790, FVE 0.9899, CE 0.9851
 
+In ``scripts/quality.py`` (each line's three dictionaries trained together), at k 32:
+TopK 0.963 / 0.793 alive, FVE 0.9897; BatchTopK 0.997 / 0.836 (before: 0.990 / 0.846),
+FVE 0.9915; Matryoshka 0.992 / 0.781 (before: 0.951 / 0.721), FVE 0.9928.
+
 Tried on the same rows and not adopted: a selection-only load-balancing bias (added to
 the pre-activations for choosing the top k, sign updates towards equal firing rates,
 annealed to 0 between 50% and 80% of the run) left 0.868 / 0.766 alive at FVE 0.9894;
