@@ -63,8 +63,9 @@ class AutoEncoderTopK(Dictionary):
     measured; see ``sparse.auxk_loss``:
     the residual reconstructed from the top ``k_aux`` dead latents, ``k_aux = d // 2`` by
     default, normalised by the residual's variance; a dead latent's negative pre-activation
-    passes :data:`~dictionary_learning.sparse.AUXK_NEGATIVE_SLOPE` of the gradient, so no
-    latent is dead for good). No sparsity penalty (``sparsity=None``).
+    passes :data:`~dictionary_learning.sparse.AUXK_NEGATIVE_SLOPE` of the gradient, so a
+    dead latent whose pre-activations are all negative still learns). No sparsity penalty
+    (``sparsity=None``).
     ``b_dec`` starts at the geometric median of the first batch. The training forward is
     sparse (``sparse.py``): only the encoder's forward product is dense.
     """
