@@ -124,6 +124,11 @@ class Dictionary(nn.Module):
     dict_size: int
     output_dim: int
     decoder_norm: ClassVar[str | None] = "unit"
+    default_lr: ClassVar[float] = 1e-3
+    """The peak learning rate of a run whose config gives none (``TrainerConfig.lr=None``)."""
+    lr_decay_fraction: ClassVar[float | None] = None
+    """The learning rate decays linearly to 0 over this last fraction of a run whose
+    config gives no ``decay_start`` and whose length is known; ``None``: no decay."""
     _feature_axis: ClassVar[dict[str, int]] = {}
     _roles: ClassVar[dict[str, str]] = {}
     _training_counters: ClassVar[tuple[str, ...]] = ()

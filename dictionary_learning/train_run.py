@@ -76,7 +76,9 @@ class TrainRun:
                                  + " (or class names)")
     dict_size: tuple[int, ...] = _opt((), "dictionary sizes (overrides --expansion)")
     expansion: tuple[int, ...] = _opt((16,), "dictionary size as a multiple of the width")
-    lr: tuple[float, ...] = _opt((1e-3,), "peak Adam learning rates")
+    lr: tuple[float, ...] = _opt((), "peak Adam learning rates (default: each "
+                                 "architecture's own: 2e-3 for topk, batchtopk and "
+                                 "matryoshka, 1e-3 for the others)")
     sparsity_penalty: tuple[float, ...] = _opt(
         (), "sparsity coefficients (L1 or entropy for relu/gated/new, L0 deviation for "
         "jumprelu; TopK-family dictionaries have none). Default 1e-3 (jumprelu: 1)",
@@ -99,7 +101,9 @@ class TrainRun:
                       "truncating and padding each one")
     warmup_steps: int | None = _opt(None, "learning-rate warm-up steps (default: a tenth of "
                                     "the run, at most 1000)")
-    decay_start: int | None = _opt(None, "step from which the learning rate decays to 0")
+    decay_start: int | None = _opt(None, "step from which the learning rate decays to 0 "
+                                   "(default: none; topk, batchtopk and matryoshka decay "
+                                   "over the run's last fifth; --steps for no decay)")
     sparsity_warmup_steps: int | None = _opt(None, "warm-up steps of the sparsity penalty")
     resample_steps: int | None = _opt(None, "resample dead features every this many steps")
     normalize_activations: bool = _opt(False, "train on activations scaled to norm sqrt(d)")
@@ -130,7 +134,7 @@ class TrainRun:
         opened or written."""
         from .sources import check_device, torch_dtype
 
-        for name in ("arch", "lr", "k"):
+        for name in ("arch", "k"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: give at least one value")
         for arch in self.arch:
@@ -155,9 +159,10 @@ class TrainRun:
             raise ValueError(f"--tokens {self.tokens} is less than one batch "
                              f"(--batch-size {self.batch_size}): give more tokens")
         steps = self.total_steps
-        if self.decay_start is not None and steps is not None and self.decay_start >= steps:
-            raise ValueError(f"--decay-start {self.decay_start} is not before the last step "
-                             f"({steps}): give a smaller value")
+        if self.decay_start is not None and steps is not None and self.decay_start > steps:
+            raise ValueError(f"--decay-start {self.decay_start} is after the run's "
+                             f"{steps} steps: give a smaller value (or {steps} for no "
+                             "decay)")
         if self.eval_texts < 1 or not 0 < self.eval_loss_texts <= self.eval_texts:
             raise ValueError("need eval_texts >= 1 and 0 < eval_loss_texts <= eval_texts")
         if abs(sum(self.group_fractions) - 1) > 1e-6 or min(self.group_fractions) <= 0:
@@ -185,12 +190,12 @@ class TrainRun:
 
 PRESETS: dict[str, dict] = {
     "demo": dict(
-        model="demo", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
+        model="demo", data="stdlib", submodule="1.mlp", expansion=(8,),
         sparsity_penalty=(1.0,), steps=500, epochs=4, pack=True, batch_size=1024,
         ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=50, resample_steps=200,
         save_steps=200, save_dir="runs/demo", eval_texts=150, eval_loss_texts=150),
     "demo-quick": dict(
-        model="demo-quick", data="stdlib", submodule="1.mlp", expansion=(8,), lr=(1e-3,),
+        model="demo-quick", data="stdlib", submodule="1.mlp", expansion=(8,),
         sparsity_penalty=(1.0,), steps=300, epochs=2, pack=True, batch_size=1024,
         ctx_len=128, n_ctxs=160, refresh_batch_size=16, warmup_steps=30, resample_steps=100,
         save_dir="runs/demo-quick", eval_texts=150, eval_loss_texts=150),
@@ -241,7 +246,7 @@ def trainer_configs(run: TrainRun, d_in: int, d_out: int):
 
     sizes = run.dict_size or tuple(e * d_in for e in run.expansion)
     configs = []
-    for arch, size, lr in itertools.product(run.arch, sizes, run.lr):
+    for arch, size, lr in itertools.product(run.arch, sizes, run.lr or (None,)):
         cls = dictionary_class(arch)
         for extra, penalty in _variants(run, cls, size):
             config = TrainerConfig(

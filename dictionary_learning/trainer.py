@@ -34,8 +34,9 @@ class TrainerConfig:
     """Width of the activations fed to the encoder."""
     dict_size: int
     """Number of features (m)."""
-    lr: float = 1e-3
-    """Peak Adam learning rate."""
+    lr: float | None = None
+    """Peak Adam learning rate. ``None``: the dictionary class's ``default_lr`` (1e-3;
+    the TopK family's 2e-3, :data:`~dictionary_learning.architectures.topk.TOPK_LR`)."""
     sparsity_penalty: float = 1e-3
     """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
     architectures whose sparsity is structural (TopK)."""
@@ -52,7 +53,9 @@ class TrainerConfig:
     ``None``: a tenth of the run, at most 1000 steps (1000 when the length is unknown)."""
     decay_start: int | None = None
     """Step from which the learning rate decays linearly to 0 at the last step (needs a
-    known number of steps)."""
+    known number of steps). ``None``: the dictionary class's ``lr_decay_fraction`` of a run
+    of known length (the TopK family's last fifth), else no decay; the run's length in
+    steps: no decay."""
     sparsity_warmup_steps: int | None = None
     """Linear warm-up of the sparsity penalty from 0 over this many steps."""
     grad_clip_norm: float | None = None
@@ -95,7 +98,7 @@ class TrainerConfig:
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{self.autocast_dtype!r}")
-        if self.lr <= 0 or self.sparsity_penalty < 0:
+        if (self.lr is not None and self.lr <= 0) or self.sparsity_penalty < 0:
             raise ValueError(f"need lr > 0 and sparsity_penalty >= 0, got lr={self.lr}, "
                              f"sparsity_penalty={self.sparsity_penalty}")
 
@@ -124,6 +127,10 @@ family's AuxK weight (:data:`~dictionary_learning.architectures.topk.AUXK_ALPHA`
 demo LM at issue 19's budget (1500 steps of 1024 rows, 256 -> 4096, k 32), a window of 20
 steps (1/75) kept more features alive than 5, 40 or 150 (a tenth of the run): TopK 0.735
 against 0.686, 0.672 and 0.546 alive (AuxK weight 1), at the same FVE."""
+RESOLVED_FIELDS = ("lr", "warmup_steps", "decay_start", "dead_feature_tokens",
+                   "dead_feature_steps")
+"""The fields :func:`resolve_schedules` fills from the run and the class, as a
+checkpoint records them."""
 _warned: set[str] = set()
 
 
@@ -139,13 +146,21 @@ def resolve_schedules(config: TrainerConfig, total_steps: int | None) -> Trainer
     when they do not fit the run: a warm-up the run never leaves, a window it never
     reaches). Resolving a resolved config changes nothing.
 
+    - ``lr``: the dictionary class's ``default_lr``;
     - ``warmup_steps``: ``RUN_FRACTION`` of the run, at most 1000 (1000 when unknown);
+    - ``decay_start``: the start of the class's ``lr_decay_fraction`` of a run of known
+      length (none when the class has none);
     - ``dead_feature_tokens`` / ``dead_feature_steps`` (both unset): 10M tokens, and
       ``DEAD_WINDOW_FRACTION`` of the run's steps, whichever comes first;
     - a batch-top-k dictionary's ``threshold_start_step`` / ``threshold_beta`` not in
       ``dict_kwargs``: :func:`~dictionary_learning.architectures.batch_topk.threshold_schedule`.
     """
     changes, n = {}, total_steps
+    cls = get_dictionary_class(config.dict_class)
+    if config.lr is None:
+        changes["lr"] = cls.default_lr
+    if config.decay_start is None and n is not None and cls.lr_decay_fraction is not None:
+        changes["decay_start"] = round((1 - cls.lr_decay_fraction) * n)
     if config.warmup_steps is None:
         changes["warmup_steps"] = (DEFAULT_WARMUP_STEPS if n is None else
                                    min(DEFAULT_WARMUP_STEPS, max(1, round(RUN_FRACTION * n))))
@@ -153,7 +168,7 @@ def resolve_schedules(config: TrainerConfig, total_steps: int | None) -> Trainer
         changes["dead_feature_tokens"] = DEFAULT_DEAD_FEATURE_TOKENS
         if config.dead_feature_steps is None and n is not None:
             changes["dead_feature_steps"] = max(1, round(DEAD_WINDOW_FRACTION * n))
-    params = inspect.signature(get_dictionary_class(config.dict_class)).parameters
+    params = inspect.signature(cls).parameters
     if n is not None and "threshold_start_step" in params:
         from .architectures.batch_topk import threshold_schedule
 
@@ -424,6 +439,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "dictionary_counters": {name: getattr(self.dictionary, name)
                                     for name in self.dictionary._training_counters},
+            "schedule": {name: getattr(self.config, name) for name in RESOLVED_FIELDS},
         }
 
     def load_state(self, state: dict) -> None:
@@ -436,6 +452,7 @@ class Trainer:
                 f"{self.config.dict_class} trains {len(self.optimizer.param_groups)}: it was "
                 "written by an older version and cannot be resumed exactly; its dictionaries "
                 "still load (load_dictionary); start a new run")
+        self._check_schedule(state.get("schedule"))
         try:
             self.dictionary.load_state_dict(state["dictionary"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -457,6 +474,20 @@ class Trainer:
             self.generator.set_state(state["generator"])
         for name, value in state.get("dictionary_counters", {}).items():
             setattr(self.dictionary, name, value)
+
+    def _check_schedule(self, saved: dict | None) -> None:
+        """A checkpoint continues only at the peak learning rate it was trained with: one
+        left to the class's default may have changed since it was written. (The other
+        schedules follow the run's length, which a resumed run may extend.)"""
+        if saved is None:  # written before checkpoints recorded their schedule
+            _warn_once(f"{self.config.dict_class}: the checkpoint does not record its "
+                       f"schedule; it continues with lr={self.config.lr}, decay_start="
+                       f"{self.config.decay_start}")
+        elif saved["lr"] != self.config.lr:
+            raise ValueError(
+                f"the checkpoint was trained at lr={saved['lr']} where this run gives "
+                f"lr={self.config.lr} (a default that changed between versions): resume "
+                f"with lr={saved['lr']} given explicitly")
 
     def raw_dictionary(self) -> Dictionary:
         """The dictionary as it applies to raw activations: with ``normalize_activations``

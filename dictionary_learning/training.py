@@ -42,6 +42,7 @@ from .saving import (CheckpointWriter, checkpoint_steps, prune_stream_states,
                      read_stream_state, read_trainer_state, save_stream_state,
                      stream_state_steps, stream_state_worlds)
 from .trainer import NonFiniteError, StepResult, Trainer, TrainerConfig  # noqa: F401 - API
+from .trainer import resolve_schedules
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +326,8 @@ def train_dictionaries(activations: Iterable, configs: list[TrainerConfig],
         from .dashboards import WandbLogger
 
         wandb = WandbLogger(wandb_project, run_name=Path(save_dir).name if save_dir else None,
-                            config={"trainers": [dataclasses.asdict(c) for c in configs],
+                            config={"trainers": [dataclasses.asdict(resolve_schedules(
+                                c, steps)) for c in configs],
                                     "buffer": buffer_config})
     last_checkpoint = step if resume else None
 

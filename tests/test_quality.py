@@ -112,6 +112,29 @@ def test_resolution_is_idempotent_and_follows_the_run():
     assert resolve_schedules(TrainerConfig(8, 32), None).dead_feature_steps is None
 
 
+@pytest.mark.parametrize("cls, kwargs, lr, decays", [
+    ("AutoEncoder", {}, 1e-3, False),
+    ("JumpReluAutoEncoder", {}, 1e-3, False),
+    ("AutoEncoderTopK", {"k": 4}, 2e-3, True),
+    ("BatchTopKSAE", {"k": 4}, 2e-3, True),
+    ("MatryoshkaBatchTopKSAE", {"k": 4, "group_sizes": [8, 24]}, 2e-3, True)])
+def test_each_class_has_its_own_learning_rate_and_decay(cls, kwargs, lr, decays):
+    """``lr=None`` is the class's default; the TopK family decays linearly to 0 over the
+    run's last fifth (from step 80 of 100), the others keep their peak; explicit values
+    win, and a run of unknown length never decays."""
+    t = Trainer(TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs, warmup_steps=0),
+                total_steps=100)
+    assert t.config.lr == lr
+    assert t.config.decay_start == (80 if decays else None)
+    expected = [lr * (min(1.0, (100 - s) / 20) if decays else 1.0) for s in range(100)]
+    assert [t.lr_at(s) for s in range(100)] == pytest.approx(expected, rel=1e-12)
+    given = Trainer(TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs, lr=5e-4,
+                                  decay_start=100), total_steps=100)
+    assert given.config.lr == 5e-4 and given.lr_at(99) == given.lr_at(50) == 5e-4
+    unknown = resolve_schedules(TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs), None)
+    assert unknown.lr == lr and unknown.decay_start is None
+
+
 @pytest.mark.parametrize("cls", ["AutoEncoderTopK", "BatchTopKSAE"])
 def test_auxk_switches_on_in_a_short_run_only_with_the_scaled_window(cls):
     """Features that never fire (their encoder bias pushed far down) count as dead after

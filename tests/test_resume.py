@@ -100,3 +100,30 @@ def test_resume_without_checkpoint_is_a_clear_error(batches, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train_dictionaries(Stream(batches), configs(), steps=STEPS, save_dir=tmp_path,
                            progress=False, resume=True)
+
+
+def test_a_checkpoint_resumes_only_at_its_own_learning_rate(caplog):
+    """The TopK family's default learning rate (2e-3) is not the one an older checkpoint
+    may have trained at: resuming it at another peak rate is refused with the value to
+    give; a checkpoint that does not record its schedule continues, with a warning."""
+    from dictionary_learning import trainer as trainer_module
+    from dictionary_learning.trainer import Trainer
+
+    topk = TrainerConfig(16, 64, dict_class="AutoEncoderTopK", dict_kwargs={"k": 4})
+    state = Trainer(topk, total_steps=STEPS).state()
+    assert state["schedule"]["lr"] == 2e-3 and state["schedule"]["decay_start"] == 10
+    older = dict(state, schedule={**state["schedule"], "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"trained at lr=0\.001 where this run gives "
+                                         r"lr=0\.002.*resume with lr=0\.001 given"):
+        Trainer(topk, total_steps=STEPS).load_state(older)
+    Trainer(TrainerConfig(16, 64, lr=1e-3, dict_class="AutoEncoderTopK",
+                          dict_kwargs={"k": 4}), total_steps=STEPS).load_state(older)
+    trainer_module._warned.clear()
+    unrecorded = {k: v for k, v in state.items() if k != "schedule"}
+    with caplog.at_level("WARNING", logger="dictionary_learning.trainer"):
+        resumed = Trainer(topk, total_steps=STEPS)
+        resumed.load_state(unrecorded)
+    assert "does not record its schedule; it continues with lr=0.002, decay_start=10" \
+        in caplog.text
+    for key, tensor in state["dictionary"].items():
+        assert torch.equal(resumed.dictionary.state_dict()[key], tensor), key

@@ -129,6 +129,19 @@ def test_an_unset_warmup_follows_the_run(steps, expected):
     assert resolve_schedules(config, run.total_steps).warmup_steps == 7
 
 
+def test_an_unset_learning_rate_is_each_architectures_own():
+    run = TrainRun(steps=500, arch=("relu", "topk", "batchtopk", "matryoshka", "jumprelu"))
+    resolved = [resolve_schedules(c, 500) for c in trainer_configs(run, 64, 64)]
+    assert [(c.lr, c.decay_start) for c in resolved] == \
+        [(1e-3, None)] + [(2e-3, 400)] * 3 + [(1e-3, None)]
+    given = trainer_configs(TrainRun(steps=500, arch=("topk",), lr=(1e-3, 3e-3),
+                                     decay_start=500), 64, 64)
+    assert [(c.lr, c.decay_start) for c in given] == [(1e-3, 500), (3e-3, 500)]
+    with pytest.raises(ValueError, match=re.escape("--decay-start 501 is after the run's "
+                                                   "500 steps")):
+        TrainRun(steps=500, decay_start=501)
+
+
 def test_runs_that_would_train_nothing_are_refused():
     for kwargs, message in [(dict(steps=0), "--steps must be positive, got 0"),
                             (dict(tokens=100, batch_size=1024),

@@ -13,7 +13,7 @@ from ..sparse import auxk_loss, encode_sparse, global_batch_topk_code, sparse_de
 from .batch_topk import (add_early_threshold, count_step_and_update_threshold,
                          inference_state_dict, inference_threshold, scale_early_threshold,
                          threshold_encode)
-from .topk import AUXK_ALPHA, check_k
+from .topk import AUXK_ALPHA, TOPK_LR, TOPK_LR_DECAY_FRACTION, check_k
 
 
 @register
@@ -42,6 +42,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
     _feature_axis = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
     _roles = {"W_dec": "W_dec", "W_enc": "W_enc", "b_enc": "b_enc"}
     _training_counters = ("_steps_seen", "early_threshold")
+    default_lr = TOPK_LR
+    lr_decay_fraction = TOPK_LR_DECAY_FRACTION
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
                  auxk_alpha: float = AUXK_ALPHA, k_aux: int | None = None,

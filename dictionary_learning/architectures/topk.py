@@ -42,6 +42,35 @@ recovered from 0.9879 to 0.9771, so it was not adopted either.
 """
 
 
+TOPK_LR = 2e-3
+"""The TopK family's default peak learning rate (``TrainerConfig.lr=None``), chosen by
+measurement together with :data:`TOPK_LR_DECAY_FRACTION`. On the demo LM at issue 19's
+budget (1500 steps of 1024 rows, 256 -> 4096, k 32, AuxK's defaults; the same rows and
+held-out evaluation for each), FVE and features alive on the run's last 262,144 training
+rows (held-out: on 8,160 tokens), seed 0 (seed 1):
+
+- TopK, 1e-3, no decay (the earlier default): 0.9900, 0.967 alive (0.9893, 0.963)
+- TopK, 1e-3, decaying over the last fifth: 0.9900, 0.982
+- TopK, 2e-3, decaying: 0.9915, 0.992, held-out 0.818 (0.9915, 0.994, held-out 0.824)
+- TopK, 4e-3, decaying: 0.9924, but 0.898 alive (held-out 0.678)
+- BatchTopK, 1e-3, no decay: 0.9915, 0.997 (0.9918, 0.997)
+- BatchTopK, 1e-3, decaying: 0.9916, 0.9995
+- BatchTopK, 2e-3, decaying: 0.9937, 0.9995, held-out 0.858 (0.9939, 0.9998, 0.860)
+- BatchTopK, 4e-3, decaying: 0.9950, 0.989 (held-out 0.825)
+- Matryoshka, 1e-3, no decay: 0.9928, 0.992; 2e-3, decaying: 0.9943, 0.999
+
+CE loss recovered, 2e-3 decaying against 1e-3 without decay, moved by -0.003 to +0.009
+(0.9847 to 0.9940 across the five runs).
+Without AuxK's gradient leak (:data:`~dictionary_learning.sparse.AUXK_NEGATIVE_SLOPE`),
+2e-3 alone kept only 0.616 of TopK's features alive; upstream's width-scaled rate
+(``2e-4 / sqrt(m / 2^14)``, 4e-4 here) lowered FVE to 0.9855 (TopK) and 0.9865
+(BatchTopK)."""
+
+TOPK_LR_DECAY_FRACTION = 0.2
+"""The TopK family's learning rate decays linearly to 0 over this last fraction of a run
+of known length (``TrainerConfig.decay_start=None``); see :data:`TOPK_LR`."""
+
+
 def check_k(k, dict_size: int) -> int:
     """``k`` as an int, or a ``ValueError`` unless ``0 < k <= dict_size``."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= dict_size:
@@ -72,6 +101,8 @@ class AutoEncoderTopK(Dictionary):
 
     _feature_axis = {"encoder.weight": 0, "encoder.bias": 0, "decoder.weight": 1}
     _roles = {"W_dec": "decoder.weight", "W_enc": "encoder.weight", "b_enc": "encoder.bias"}
+    default_lr = TOPK_LR
+    lr_decay_fraction = TOPK_LR_DECAY_FRACTION
 
     def __init__(self, activation_dim: int, dict_size: int, k: int,
                  auxk_alpha: float = AUXK_ALPHA, k_aux: int | None = None):

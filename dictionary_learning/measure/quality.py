@@ -89,7 +89,9 @@ class QualitySetup:
     too (``frac_alive_train``): the held-out documents' 8,160 tokens see a feature that
     fires once in 10,000 tokens less than every other time, so their ``frac_alive`` counts
     rare features as dead. 0: not counted."""
-    lr: float = 1e-3
+    lr: float | None = None
+    """Peak learning rate of every dictionary; ``None``: each class's own (``default_lr``:
+    1e-3, the TopK family's 2e-3)."""
     seed: int = 0
     archs: tuple[str, ...] = tuple(SWEEP)
     """Which entries of :data:`SWEEP` to train."""
@@ -178,6 +180,7 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
     on (``frac_alive_train``)."""
     from ..assess import score
     from ..evaluation import reconstruction_metrics
+    from ..trainer import resolve_schedules
     from ..training import train_dictionaries
 
     start = time.perf_counter()
@@ -199,6 +202,7 @@ def train_and_score(rows: torch.Tensor, arch: str, setup: QualitySetup, model,
                 dictionary, last.split(8192))["frac_alive"]
         results.append({"dict_class": config.dict_class,
                         "sparsity_penalty": config.sparsity_penalty,
+                        "lr": resolve_schedules(config, setup.steps).lr,
                         "dict_kwargs": {k: v for k, v in config.dict_kwargs.items()
                                         if k != "group_sizes"},
                         "train_seconds": seconds / len(configs), **metrics})
@@ -216,11 +220,11 @@ def upstream_dictionaries(rows: torch.Tensor, setup: QualitySetup) -> tuple[list
     from ..architectures.autoencoder import AutoEncoder
     from ..trainer import resolve_schedules
 
-    configs = configs_for("relu", rows.shape[1], setup)
+    configs = [resolve_schedules(c, setup.steps)
+               for c in configs_for("relu", rows.shape[1], setup)]
     trainers = [StandardTrainer(
         steps=setup.steps, activation_dim=c.activation_dim, dict_size=c.dict_size, layer=0,
-        lm_name="demo", lr=c.lr, l1_penalty=c.sparsity_penalty,
-        warmup_steps=resolve_schedules(c, setup.steps).warmup_steps,
+        lm_name="demo", lr=c.lr, l1_penalty=c.sparsity_penalty, warmup_steps=c.warmup_steps,
         sparsity_warmup_steps=None, seed=setup.seed, device="cpu", wandb_name=None)
         for c in configs]
     for step, x in enumerate(islice(_batches(rows, setup.batch_size), setup.steps)):
