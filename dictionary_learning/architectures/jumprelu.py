@@ -27,8 +27,10 @@ moves figures in the third decimal), targets 16 / 32 / 64:
 - scale 10: L0 32.6 / 34.4 / 54.9, FVE 0.9922 / 0.9931 / 0.9951, 39-41% alive
 - scale 30: L0 23.7 / 28.2 / 63.9, FVE 0.9886 / 0.9909 / 0.9959, 22-30% alive
 
-At scale 30 the L0s are near their targets and FVE is on BatchTopK's line at the same L0
-(0.9886 / 0.9902 / 0.9954 there, interpolated in log L0). The cost is features: a
+At scale 30 the L0s are near their targets and FVE was on BatchTopK's line at the same L0
+when BatchTopK trained at 1e-3 (0.9886 / 0.9902 / 0.9954 there, interpolated in log L0);
+at BatchTopK's own rate now (2e-3, decaying: ``topk.TOPK_LR``) its line is higher there
+(0.9904 / 0.9920 / 0.9965). The cost is features: a
 threshold that rises past all of its feature's pre-activations gets no gradient again,
 so more features die; and a short run can end below its target (the demo preset, 500
 steps at target 45: L0 28.2 with 24% alive, against 112.9 with 90% at scale 1). Tried on
