@@ -476,18 +476,24 @@ class Trainer:
             setattr(self.dictionary, name, value)
 
     def _check_schedule(self, saved: dict | None) -> None:
-        """A checkpoint continues only at the peak learning rate it was trained with: one
-        left to the class's default may have changed since it was written. (The other
+        """A checkpoint continues at the peak learning rate it was trained with. A run that
+        leaves ``lr`` unset takes the checkpoint's (the class's default may have changed
+        since it was written); an explicit ``lr`` that differs is refused. (The other
         schedules follow the run's length, which a resumed run may extend.)"""
         if saved is None:  # written before checkpoints recorded their schedule
             _warn_once(f"{self.config.dict_class}: the checkpoint does not record its "
                        f"schedule; it continues with lr={self.config.lr}, decay_start="
                        f"{self.config.decay_start}")
         elif saved["lr"] != self.config.lr:
-            raise ValueError(
-                f"the checkpoint was trained at lr={saved['lr']} where this run gives "
-                f"lr={self.config.lr} (a default that changed between versions): resume "
-                f"with lr={saved['lr']} given explicitly")
+            if self.requested_config.lr is not None:
+                raise ValueError(
+                    f"the checkpoint was trained at lr={saved['lr']}, not the lr="
+                    f"{self.config.lr} given: resume with lr={saved['lr']}, or leave lr "
+                    "unset to continue at the checkpoint's rate")
+            _warn_once(f"{self.config.dict_class}: the checkpoint was trained at lr="
+                       f"{saved['lr']} (this version's default is {self.config.lr}); it "
+                       "continues at the checkpoint's rate")
+            self.config = dataclasses.replace(self.config, lr=saved["lr"])
 
     def raw_dictionary(self) -> Dictionary:
         """The dictionary as it applies to raw activations: with ``normalize_activations``

@@ -104,8 +104,9 @@ def test_resume_without_checkpoint_is_a_clear_error(batches, tmp_path):
 
 def test_a_checkpoint_resumes_only_at_its_own_learning_rate(caplog):
     """The TopK family's default learning rate (2e-3) is not the one an older checkpoint
-    may have trained at: resuming it at another peak rate is refused with the value to
-    give; a checkpoint that does not record its schedule continues, with a warning."""
+    may have trained at: a run that leaves lr unset continues at the checkpoint's rate
+    (with a warning), an explicit other rate is refused with the value to give, and a
+    checkpoint that does not record its schedule continues, with a warning."""
     from dictionary_learning import trainer as trainer_module
     from dictionary_learning.trainer import Trainer
 
@@ -113,9 +114,19 @@ def test_a_checkpoint_resumes_only_at_its_own_learning_rate(caplog):
     state = Trainer(topk, total_steps=STEPS).state()
     assert state["schedule"]["lr"] == 2e-3 and state["schedule"]["decay_start"] == 10
     older = dict(state, schedule={**state["schedule"], "lr": 1e-3})
-    with pytest.raises(ValueError, match=r"trained at lr=0\.001 where this run gives "
-                                         r"lr=0\.002.*resume with lr=0\.001 given"):
-        Trainer(topk, total_steps=STEPS).load_state(older)
+    trainer_module._warned.clear()
+    with caplog.at_level("WARNING", logger="dictionary_learning.trainer"):
+        adopted = Trainer(topk, total_steps=STEPS)
+        adopted.load_state(older)
+    assert "trained at lr=0.001 (this version's default is 0.002)" in caplog.text
+    assert adopted.config.lr == 1e-3
+    assert adopted.lr_at(0) == pytest.approx(1e-3) and adopted.lr_at(STEPS - 1) == \
+        pytest.approx(1e-3 * (1 - (STEPS - 1 - 10) / (STEPS - 10)))
+    explicit = TrainerConfig(16, 64, lr=2e-3, dict_class="AutoEncoderTopK",
+                             dict_kwargs={"k": 4})
+    with pytest.raises(ValueError, match=r"trained at lr=0\.001, not the lr=0\.002 given: "
+                                         r"resume with lr=0\.001"):
+        Trainer(explicit, total_steps=STEPS).load_state(older)
     Trainer(TrainerConfig(16, 64, lr=1e-3, dict_class="AutoEncoderTopK",
                           dict_kwargs={"k": 4}), total_steps=STEPS).load_state(older)
     trainer_module._warned.clear()
