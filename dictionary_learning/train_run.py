@@ -77,8 +77,8 @@ class TrainRun:
     dict_size: tuple[int, ...] = _opt((), "dictionary sizes (overrides --expansion)")
     expansion: tuple[int, ...] = _opt((16,), "dictionary size as a multiple of the width")
     lr: tuple[float, ...] = _opt((), "peak Adam learning rates (default: each "
-                                 "architecture's own: 2e-3 for topk, batchtopk and "
-                                 "matryoshka, 1e-3 for the others)")
+                                 "architecture's own: 2e-3 for relu, topk, batchtopk "
+                                 "and matryoshka, 1e-3 for the others)")
     sparsity_penalty: tuple[float, ...] = _opt(
         (), "sparsity coefficients (L1 or entropy for relu/gated/new, L0 deviation for "
         "jumprelu; TopK-family dictionaries have none). Default 1e-3 (jumprelu: 1)",
@@ -102,8 +102,8 @@ class TrainRun:
     warmup_steps: int | None = _opt(None, "learning-rate warm-up steps (default: a tenth of "
                                     "the run, at most 1000)")
     decay_start: int | None = _opt(None, "step from which the learning rate decays to 0 "
-                                   "(default: none; topk, batchtopk and matryoshka decay "
-                                   "over the run's last fifth; --steps for no decay)")
+                                   "(default: none; relu, topk, batchtopk and matryoshka "
+                                   "decay over the run's last fifth; --steps for no decay)")
     sparsity_warmup_steps: int | None = _opt(None, "warm-up steps of the sparsity penalty")
     resample_steps: int | None = _opt(None, "resample dead features every this many steps")
     normalize_activations: bool = _opt(False, "train on activations scaled to norm sqrt(d)")

@@ -36,7 +36,9 @@ class TrainerConfig:
     """Number of features (m)."""
     lr: float | None = None
     """Peak Adam learning rate. ``None``: the dictionary class's ``default_lr`` (1e-3;
-    the TopK family's 2e-3, :data:`~dictionary_learning.architectures.topk.TOPK_LR`)."""
+    ReLU's and the TopK family's 2e-3:
+    :data:`~dictionary_learning.architectures.autoencoder.RELU_LR`,
+    :data:`~dictionary_learning.architectures.topk.TOPK_LR`)."""
     sparsity_penalty: float = 1e-3
     """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
     architectures whose sparsity is structural (TopK)."""
@@ -54,7 +56,7 @@ class TrainerConfig:
     decay_start: int | None = None
     """Step from which the learning rate decays linearly to 0 at the last step (needs a
     known number of steps). ``None``: the dictionary class's ``lr_decay_fraction`` of a run
-    of known length (the TopK family's last fifth), else no decay; the run's length in
+    of known length (ReLU's and the TopK family's last fifth), else no decay; the run's length in
     steps: no decay."""
     sparsity_warmup_steps: int | None = None
     """Linear warm-up of the sparsity penalty from 0 over this many steps."""

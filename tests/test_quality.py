@@ -84,8 +84,8 @@ def test_short_run_leaves_warm_up_and_long_run_keeps_1000():
 
 def test_explicit_values_are_honoured_and_a_misfit_is_warned_once(caplog):
     trainer_module._warned.clear()
-    cfg = TrainerConfig(8, 32, lr=3e-3, warmup_steps=1000, dead_feature_tokens=5,
-                        sparsity_warmup_steps=40)
+    cfg = TrainerConfig(8, 32, lr=3e-3, warmup_steps=1000, decay_start=30,
+                        dead_feature_tokens=5, sparsity_warmup_steps=40)
     with caplog.at_level(logging.WARNING, logger="dictionary_learning.trainer"):
         for _ in range(2):
             t = Trainer(cfg, total_steps=30)
@@ -113,14 +113,15 @@ def test_resolution_is_idempotent_and_follows_the_run():
 
 
 @pytest.mark.parametrize("cls, kwargs, lr, decays", [
-    ("AutoEncoder", {}, 1e-3, False),
+    ("AutoEncoder", {}, 2e-3, True),
     ("JumpReluAutoEncoder", {}, 1e-3, False),
+    ("GatedAutoEncoder", {}, 1e-3, False),
     ("AutoEncoderTopK", {"k": 4}, 2e-3, True),
     ("BatchTopKSAE", {"k": 4}, 2e-3, True),
     ("MatryoshkaBatchTopKSAE", {"k": 4, "group_sizes": [8, 24]}, 2e-3, True)])
 def test_each_class_has_its_own_learning_rate_and_decay(cls, kwargs, lr, decays):
-    """``lr=None`` is the class's default; the TopK family decays linearly to 0 over the
-    run's last fifth (from step 80 of 100), the others keep their peak; explicit values
+    """``lr=None`` is the class's default; ReLU and the TopK family decay linearly to 0
+    over the run's last fifth (from step 80 of 100), the others keep their peak; explicit values
     win, and a run of unknown length never decays."""
     t = Trainer(TrainerConfig(8, 32, dict_class=cls, dict_kwargs=kwargs, warmup_steps=0),
                 total_steps=100)

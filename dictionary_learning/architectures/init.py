@@ -13,10 +13,12 @@ recovering; issue 19).
 The plain ``AutoEncoder`` uses upstream's initialisation instead (weights of norm 0.1,
 encoder bias uniform in ``±1/sqrt(d)``), because it measured better. On the demo LM at
 issue 19's budget (1500 steps of 1024 rows, 256 -> 4096, the same rows and evaluator for
-each; ``scripts/quality.py``), FVE at L0 about 30 / 17: the fitted scale with zero biases
-0.9604 / 0.9017, upstream's initialisation 0.964 / 0.917 (interpolated along its own
-frontier: 0.9880 at L0 59.3, 0.9597 at 24.5, 0.8933 at 12.9), and the fitted scale with
-upstream's random encoder bias in between (0.9607 at L0 26.2, 0.8958 at 13.8). The random
+each; ``scripts/quality.py``; at the learning rate of the time, 1e-3 without decay, before
+:data:`~dictionary_learning.architectures.autoencoder.RELU_LR`), FVE at L0 about 30 / 17:
+the fitted scale with zero biases 0.9604 / 0.9017, upstream's initialisation 0.964 / 0.917
+(interpolated along its own frontier: 0.9880 at L0 59.3, 0.9597 at 24.5, 0.8933 at 12.9),
+and the fitted scale with upstream's random encoder bias in between (0.9607 at L0 26.2,
+0.8958 at 13.8). The random
 biases spread the features' first firing rates; the 0.1 decoder norm of the first step
 makes that step turn the decoder directions about ten times as far as a later one (Adam
 moves every entry by about the learning rate, and the unit-norm constraint then restores

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -35,7 +35,7 @@ TOPK_FAMILY = ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE")
 SWEEP: dict[str, list[dict]] = {
     # One entry per dictionary: TrainerConfig keywords beyond the shared ones.
     "relu": [{"dict_class": "AutoEncoder", "sparsity_penalty": p}
-             for p in (0.1, 0.3, 0.6, 1.2, 2.4)],
+             for p in (0.05, 0.1, 0.3, 0.6, 1.2, 2.4)],
     "topk": [{"dict_class": "AutoEncoderTopK", "dict_kwargs": {"k": k}} for k in (16, 32, 64)],
     "batchtopk": [{"dict_class": "BatchTopKSAE", "dict_kwargs": {"k": k}}
                   for k in (16, 32, 64)],
@@ -52,7 +52,8 @@ SWEEP: dict[str, list[dict]] = {
 UPSTREAM = "upstream-relu"
 """The reference line: upstream saprmarks/dictionary_learning's ``StandardTrainer`` (ReLU,
 unit-norm decoder, L1) at the penalties of ``SWEEP["relu"]``, on the same rows in the same
-order, with our warm-up (upstream's defaults, 1000 lr and 2000 sparsity warm-up steps, do
+order, at its own default learning rate (:data:`UPSTREAM_LR`, no decay) with our warm-up
+(upstream's defaults, 1000 lr and 2000 sparsity warm-up steps, do
 not fit a 1500-step run: its own schedule check refuses them), scored by the same
 evaluator. It needs upstream's package importable as ``upstream_dl`` (both packages are
 named ``dictionary_learning``), e.g. from a checkout::
@@ -61,6 +62,11 @@ named ``dictionary_learning``), e.g. from a checkout::
     mv /tmp/up/dictionary_learning /tmp/up/upstream_dl
     PYTHONPATH=/tmp/up .venv/bin/python scripts/quality.py --arch relu upstream-relu
 """
+
+UPSTREAM_LR = 1e-3
+"""The reference line's peak learning rate: upstream ``StandardTrainer``'s default (it does
+not decay by default either). Ours differs:
+:data:`~dictionary_learning.architectures.autoencoder.RELU_LR`."""
 
 MATRYOSHKA_FRACTIONS = (0.125, 0.125, 0.25, 0.5)
 
@@ -91,7 +97,7 @@ class QualitySetup:
     rare features as dead. 0: not counted."""
     lr: float | None = None
     """Peak learning rate of every dictionary; ``None``: each class's own (``default_lr``:
-    1e-3, the TopK family's 2e-3)."""
+    1e-3; ReLU's and the TopK family's 2e-3)."""
     seed: int = 0
     archs: tuple[str, ...] = tuple(SWEEP)
     """Which entries of :data:`SWEEP` to train."""
@@ -220,8 +226,10 @@ def upstream_dictionaries(rows: torch.Tensor, setup: QualitySetup) -> tuple[list
     from ..architectures.autoencoder import AutoEncoder
     from ..trainer import resolve_schedules
 
-    configs = [resolve_schedules(c, setup.steps)
-               for c in configs_for("relu", rows.shape[1], setup)]
+    # Upstream's own schedule: its default peak rate, no decay (decay_start = the run's end).
+    configs = [resolve_schedules(replace(
+        c, lr=setup.lr or UPSTREAM_LR, decay_start=setup.steps), setup.steps)
+        for c in configs_for("relu", rows.shape[1], setup)]
     trainers = [StandardTrainer(
         steps=setup.steps, activation_dim=c.activation_dim, dict_size=c.dict_size, layer=0,
         lm_name="demo", lr=c.lr, l1_penalty=c.sparsity_penalty, warmup_steps=c.warmup_steps,
