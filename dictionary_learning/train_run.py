@@ -77,8 +77,8 @@ class TrainRun:
     dict_size: tuple[int, ...] = _opt((), "dictionary sizes (overrides --expansion)")
     expansion: tuple[int, ...] = _opt((16,), "dictionary size as a multiple of the width")
     lr: tuple[float, ...] = _opt((), "peak Adam learning rates (default: each "
-                                 "architecture's own: 2e-3 for relu, topk, batchtopk "
-                                 "and matryoshka, 1e-3 for the others)")
+                                 "architecture's own: 1.5e-3 for relu, 2e-3 for topk, "
+                                 "batchtopk and matryoshka, 1e-3 for the others)")
     sparsity_penalty: tuple[float, ...] = _opt(
         (), "sparsity coefficients (L1 or entropy for relu/gated/new, L0 deviation for "
         "jumprelu; TopK-family dictionaries have none). Default 1e-3 (jumprelu: 1)",

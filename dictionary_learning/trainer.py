@@ -36,9 +36,8 @@ class TrainerConfig:
     """Number of features (m)."""
     lr: float | None = None
     """Peak Adam learning rate. ``None``: the dictionary class's ``default_lr`` (1e-3;
-    ReLU's and the TopK family's 2e-3:
-    :data:`~dictionary_learning.architectures.autoencoder.RELU_LR`,
-    :data:`~dictionary_learning.architectures.topk.TOPK_LR`)."""
+    ReLU's 1.5e-3, :data:`~dictionary_learning.architectures.autoencoder.RELU_LR`; the TopK
+    family's 2e-3, :data:`~dictionary_learning.architectures.topk.TOPK_LR`)."""
     sparsity_penalty: float = 1e-3
     """Coefficient of the architecture's sparsity term (L1, entropy, L0, ...); unused by
     architectures whose sparsity is structural (TopK)."""

@@ -113,7 +113,7 @@ def test_resolution_is_idempotent_and_follows_the_run():
 
 
 @pytest.mark.parametrize("cls, kwargs, lr, decays", [
-    ("AutoEncoder", {}, 2e-3, True),
+    ("AutoEncoder", {}, 1.5e-3, True),
     ("JumpReluAutoEncoder", {}, 1e-3, False),
     ("GatedAutoEncoder", {}, 1e-3, False),
     ("AutoEncoderTopK", {"k": 4}, 2e-3, True),

@@ -133,7 +133,8 @@ def test_an_unset_learning_rate_is_each_architectures_own():
     run = TrainRun(steps=500, arch=("relu", "topk", "batchtopk", "matryoshka", "jumprelu",
                                     "gated"))
     resolved = [resolve_schedules(c, 500) for c in trainer_configs(run, 64, 64)]
-    assert [(c.lr, c.decay_start) for c in resolved] == [(2e-3, 400)] * 4 + [(1e-3, None)] * 2
+    assert [(c.lr, c.decay_start) for c in resolved] == \
+        [(1.5e-3, 400)] + [(2e-3, 400)] * 3 + [(1e-3, None)] * 2
     given = trainer_configs(TrainRun(steps=500, arch=("topk",), lr=(1e-3, 3e-3),
                                      decay_start=500), 64, 64)
     assert [(c.lr, c.decay_start) for c in given] == [(1e-3, 500), (3e-3, 500)]

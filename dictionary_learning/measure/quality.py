@@ -97,7 +97,7 @@ class QualitySetup:
     rare features as dead. 0: not counted."""
     lr: float | None = None
     """Peak learning rate of every dictionary; ``None``: each class's own (``default_lr``:
-    1e-3; ReLU's and the TopK family's 2e-3)."""
+    1e-3; ReLU's 1.5e-3, the TopK family's 2e-3)."""
     seed: int = 0
     archs: tuple[str, ...] = tuple(SWEEP)
     """Which entries of :data:`SWEEP` to train."""
