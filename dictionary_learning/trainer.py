@@ -479,13 +479,16 @@ class Trainer:
     def _check_schedule(self, saved: dict | None) -> None:
         """A checkpoint continues at the peak learning rate it was trained with. A run that
         leaves ``lr`` unset takes the checkpoint's (the class's default may have changed
-        since it was written); an explicit ``lr`` that differs is refused. (The other
-        schedules follow the run's length, which a resumed run may extend.)"""
+        since it was written); an explicit ``lr`` that differs is refused. Likewise a run
+        that leaves ``decay_start`` unset keeps the checkpoint's choice between decaying
+        and not. (When both decay, the start follows the run's length, which a resumed
+        run may extend.)"""
         if saved is None:  # written before checkpoints recorded their schedule
             _warn_once(f"{self.config.dict_class}: the checkpoint does not record its "
                        f"schedule; it continues with lr={self.config.lr}, decay_start="
                        f"{self.config.decay_start}")
-        elif saved["lr"] != self.config.lr:
+            return
+        if saved["lr"] != self.config.lr:
             if self.requested_config.lr is not None:
                 raise ValueError(
                     f"the checkpoint was trained at lr={saved['lr']}, not the lr="
@@ -495,6 +498,13 @@ class Trainer:
                        f"{saved['lr']} (this version's default is {self.config.lr}); it "
                        "continues at the checkpoint's rate")
             self.config = dataclasses.replace(self.config, lr=saved["lr"])
+        saved_decay = saved.get("decay_start")
+        if (self.requested_config.decay_start is None
+                and (saved_decay is None) != (self.config.decay_start is None)):
+            _warn_once(f"{self.config.dict_class}: the checkpoint was trained with "
+                       f"decay_start={saved_decay} (this version's default gives "
+                       f"{self.config.decay_start}); it continues with the checkpoint's")
+            self.config = dataclasses.replace(self.config, decay_start=saved_decay)
 
     def raw_dictionary(self) -> Dictionary:
         """The dictionary as it applies to raw activations: with ``normalize_activations``

@@ -129,6 +129,14 @@ def test_a_checkpoint_resumes_only_at_its_own_learning_rate(caplog):
         Trainer(explicit, total_steps=STEPS).load_state(older)
     Trainer(TrainerConfig(16, 64, lr=1e-3, dict_class="AutoEncoderTopK",
                           dict_kwargs={"k": 4}), total_steps=STEPS).load_state(older)
+    # A checkpoint from before its class decayed keeps training without decay.
+    undecayed = dict(state, schedule={**state["schedule"], "lr": 1e-3, "decay_start": None})
+    trainer_module._warned.clear()
+    with caplog.at_level("WARNING", logger="dictionary_learning.trainer"):
+        kept = Trainer(topk, total_steps=STEPS)
+        kept.load_state(undecayed)
+    assert "trained with decay_start=None (this version's default gives 10)" in caplog.text
+    assert kept.config.decay_start is None and kept.lr_at(STEPS - 1) == pytest.approx(1e-3)
     trainer_module._warned.clear()
     unrecorded = {k: v for k, v in state.items() if k != "schedule"}
     with caplog.at_level("WARNING", logger="dictionary_learning.trainer"):
