@@ -230,8 +230,8 @@ from AuxK and stays dead for good: in a TopK k 32 dictionary trained at issue 19
 (demo LM, 1500 steps of 1024 rows, 256 -> 4096), 200 of the 476 latents that never fired
 on the last 262k training rows had no positive pre-activation there at all. Chosen by
 measurement at that budget, at the TopK family's earlier learning rate (1e-3, no decay;
-now :data:`~dictionary_learning.architectures.topk.TOPK_LR`) (seed 0; features alive on the last 262k training rows /
-on the held-out documents, FVE, CE loss recovered):
+now :data:`~dictionary_learning.architectures.topk.TOPK_LR`) (seed 0; features alive on
+the last 262k training rows / on the held-out documents, FVE, CE loss recovered):
 
 - slope 0 (textbook): 0.866 / 0.730, FVE 0.9902, CE 0.9879
 - slope 0.01: 0.918 / 0.753, FVE 0.9900, CE 0.9856
